@@ -1,0 +1,80 @@
+"""How simulated devices talk: the ``Comm`` interface and its two backends.
+
+* :mod:`.threads` — an in-process world, one thread per rank (notebooks, tests);
+* :mod:`.mpi` — one process per rank under ``mpiexec`` (mpi4py buffer methods);
+* :mod:`.mesh` — ``ParallelConfig`` and ``Mesh``: the sub-communicators of a
+  dp x tp x pp (x ep) grid.
+
+:func:`run` starts a function on every rank of whichever world is available.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from .. import sim
+from .base import DTYPES, REDUCE_OPS, Comm, Request, WorldAborted, check_enabled
+from .threads import ThreadComm, launch
+
+BACKENDS = ("auto", "threads", "mpi")
+
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
+                       "MV2_COMM_WORLD_SIZE")
+
+
+def launcher_size() -> int:
+    """Number of ranks the MPI launcher started (1 when not under a launcher)."""
+    for var in _LAUNCHER_SIZE_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def init(backend: str = "auto") -> str:
+    """Pick the backend: MPI when an MPI launcher started more than one rank,
+    otherwise the in-process threads world.  Returns ``"mpi"`` or ``"threads"``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        backend = "mpi" if launcher_size() > 1 else "threads"
+    if backend == "mpi":
+        try:
+            import mpi4py  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("the MPI backend needs mpi4py: pip install 'simpar[mpi]'") from e
+    return backend
+
+
+def run(fn: Callable[[Comm], Any], world_size: int | None = None, backend: str = "auto",
+        cluster: sim.ClusterSpec | None = None, timeout: float | None = None,
+        check: bool | None = None) -> list:
+    """Run ``fn(comm)`` on every rank and return all ranks' results (on every rank).
+
+    Threads: ``world_size`` threads (default 4).  MPI: the launcher's ranks;
+    ``world_size``, if given, must match.  Under MPI a failing rank aborts the
+    whole job rather than leaving the others waiting.
+    """
+    backend = init(backend)
+    if backend == "threads":
+        return launch(fn, 4 if world_size is None else world_size, cluster, timeout, check)
+    from . import mpi
+    comm = mpi.world(cluster, check)
+    if world_size is not None and world_size != comm.size:
+        raise ValueError(f"world_size={world_size} but mpiexec started {comm.size} ranks")
+    mpi.abort_on_exception()
+    try:
+        result = fn(comm)
+    except BaseException:
+        import sys
+        import traceback
+        traceback.print_exc()
+        sys.stderr.write(f"simpar: rank {comm.rank} failed; aborting the job\n")
+        sys.stderr.flush()
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Abort(1)
+        raise
+    return comm.gather_objects(result)
+
+
+__all__ = ["Comm", "ThreadComm", "Request", "WorldAborted", "launch", "run", "init",
+           "launcher_size", "DTYPES", "REDUCE_OPS", "check_enabled"]

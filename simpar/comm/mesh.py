@@ -1,0 +1,112 @@
+"""The device mesh: parallel degrees, rank layout and sub-communicators.
+
+Ranks are laid out with **tp innermost, then dp, then pp**, as Megatron-LM
+does, so tensor-parallel peers are neighbours (DESIGN.md §3)::
+
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+
+Expert parallelism subdivides the data-parallel dimension: the ``dp`` ranks of
+one (pp, tp) position form ``dp / ep`` expert-parallel groups of ``ep``
+consecutive data-parallel ranks (``ep_rank = dp_rank % ep``).  The ranks holding
+the same experts (same ``ep_rank``) form the expert-data-parallel group ``edp``,
+over which expert gradients are summed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Comm
+
+
+@dataclass(frozen=True)
+class Coords:
+    dp: int
+    tp: int
+    pp: int
+    ep: int
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel degrees: data, tensor, pipeline, expert, and virtual pipeline
+    chunks per rank (interleaved schedules)."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    vpp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "ep", "vpp"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ParallelConfig: {name}={v!r} must be a positive integer")
+        if self.dp % self.ep:
+            raise ValueError(f"ParallelConfig: ep={self.ep} must divide dp={self.dp} "
+                             "(expert parallelism subdivides data parallelism)")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    def validate(self, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise ValueError(f"world size {world_size} != dp*tp*pp = {self.dp}*{self.tp}*"
+                             f"{self.pp} = {self.world_size}")
+
+    def rank_of(self, dp: int, tp: int, pp: int) -> int:
+        return tp + self.tp * (dp + self.dp * pp)
+
+    def coords(self, rank: int) -> Coords:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside a world of {self.world_size}")
+        tp = rank % self.tp
+        dp = (rank // self.tp) % self.dp
+        pp = rank // (self.tp * self.dp)
+        return Coords(dp=dp, tp=tp, pp=pp, ep=dp % self.ep)
+
+    def grid(self) -> str:
+        """The layout as text: one block per pipeline stage, dp rows x tp columns."""
+        lines = [f"mesh dp={self.dp} tp={self.tp} pp={self.pp} ep={self.ep} vpp={self.vpp} "
+                 f"({self.world_size} ranks; rank = tp + {self.tp}*(dp + {self.dp}*pp))"]
+        w = len(str(self.world_size - 1))
+        for pp in range(self.pp):
+            lines.append(f"  pp stage {pp}:" + "".join(f"  tp{t}".rjust(w + 4)
+                                                      for t in range(self.tp)))
+            for dp in range(self.dp):
+                label = f"    dp{dp}" + (f" (ep group {dp // self.ep}, ep{dp % self.ep})"
+                                         if self.ep > 1 else "")
+                ranks = "".join(str(self.rank_of(dp, t, pp)).rjust(w + 4) for t in range(self.tp))
+                lines.append(label.ljust(13) + ranks)
+        return "\n".join(lines)
+
+
+class Mesh:
+    """The sub-communicators of one rank: ``tp``, ``dp``, ``pp``, ``ep``, ``edp``.
+
+    Building a mesh is collective: every rank of ``comm`` must call it.  The
+    config is checked against the world size on every rank first.
+    """
+
+    def __init__(self, comm: Comm, config: ParallelConfig) -> None:
+        config.validate(comm.size)
+        self.world = comm
+        self.config = config
+        c = self.coords = config.coords(comm.rank)
+        dp, tp, pp, ep = config.dp, config.tp, config.pp, config.ep
+        self.tp = comm.split(c.pp * dp + c.dp, c.tp, name="tp")
+        self.dp = comm.split(c.pp * tp + c.tp, c.dp, name="dp")
+        self.pp = comm.split(c.dp * tp + c.tp, c.pp, name="pp")
+        groups = dp // ep
+        self.ep = comm.split((c.pp * tp + c.tp) * groups + c.dp // ep, c.ep, name="ep")
+        self.edp = comm.split((c.pp * tp + c.tp) * ep + c.ep, c.dp // ep, name="edp")
+
+    def __str__(self) -> str:
+        return self.config.grid()
+
+    def describe(self) -> str:
+        c = self.coords
+        return (f"rank {self.world.rank}: dp={c.dp} tp={c.tp} pp={c.pp} ep={c.ep} | "
+                f"tp group {self.tp.world_ranks} dp group {self.dp.world_ranks} "
+                f"pp group {self.pp.world_ranks} ep group {self.ep.world_ranks}")

@@ -1,0 +1,160 @@
+"""The simulated clock: device and link presets and the alpha-beta cost model.
+
+Every rank keeps a virtual time (DESIGN.md §4).  Compute advances it by
+``flops / device.flops``.  A point-to-point message of ``n`` bytes sent at
+virtual time ``t`` arrives at ``t + alpha + n * beta``; the receiver continues at
+``max(own time, arrival)``.  A collective starts at the latest member's time and
+lasts its alpha-beta cost (DESIGN.md §6, ring / pairwise algorithms):
+
+=================  =====================================================
+all-reduce         ``2 (p-1) alpha + 2 n (p-1)/p beta``  (n = the array)
+all-gather         ``(p-1) alpha + n (p-1)/p beta``      (n = the output)
+reduce-scatter     ``(p-1) alpha + n (p-1)/p beta``      (n = the input)
+all-to-all         ``(p-1) alpha + n (p-1)/p beta``      (n = bytes one rank holds)
+broadcast          ``ceil(log2 p) (alpha + n beta)``     (binomial tree; simpar's choice)
+barrier            ``ceil(log2 p) alpha``                (dissemination; simpar's choice)
+=================  =====================================================
+
+No floating-point sum across ranks enters these times, so the simulated clock
+is bit-identical on every backend.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A compute device: its peak dense throughput in FLOP/s."""
+
+    name: str
+    flops: float
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link: latency ``alpha`` (s) and inverse bandwidth ``beta`` (s/byte)."""
+
+    name: str
+    alpha: float
+    beta: float
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second (``1 / beta``; infinite for a free link)."""
+        return math.inf if self.beta == 0 else 1.0 / self.beta
+
+
+FREE_LINK = LinkSpec("free", 0.0, 0.0)
+
+# Presets.  Peak numbers are the vendors' data-sheet figures; latencies are
+# typical measured values, stated here as simpar's assumption.
+A100 = DeviceSpec("A100-SXM", 312e12)          # 16-bit dense tensor-core peak
+H100 = DeviceSpec("H100-SXM", 989e12)          # bf16 dense peak
+NVLINK3 = LinkSpec("NVLink3 (A100)", 2e-6, 1 / 600e9)
+NVLINK4 = LinkSpec("NVLink4 (H100)", 2e-6, 1 / 900e9)
+IB_HDR = LinkSpec("InfiniBand HDR 200 Gb/s", 5e-6, 1 / 25e9)
+IB_NDR = LinkSpec("InfiniBand NDR 400 Gb/s", 5e-6, 1 / 50e9)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Devices grouped into nodes: ``intra`` links inside a node, ``inter`` across."""
+
+    name: str
+    device: DeviceSpec
+    intra: LinkSpec
+    inter: LinkSpec
+    devices_per_node: int = 8
+
+    def node_of(self, world_rank: int) -> int:
+        return world_rank // self.devices_per_node
+
+    def link(self, world_ranks) -> LinkSpec:
+        """The link a group communicates over: the slowest one it spans."""
+        nodes = {self.node_of(r) for r in world_ranks}
+        return self.intra if len(nodes) <= 1 else self.inter
+
+
+def a100_cluster(devices_per_node: int = 8) -> ClusterSpec:
+    """DGX A100: NVLink inside a node, one HDR InfiniBand port per GPU across."""
+    return ClusterSpec("A100-SXM cluster", A100, NVLINK3, IB_HDR, devices_per_node)
+
+
+def h100_cluster(devices_per_node: int = 8) -> ClusterSpec:
+    """DGX H100: NVLink 4 inside a node, one NDR InfiniBand port per GPU across."""
+    return ClusterSpec("H100-SXM cluster", H100, NVLINK4, IB_NDR, devices_per_node)
+
+
+def ideal_cluster(flops: float = 1e12) -> ClusterSpec:
+    """Free links (alpha = beta = 0): isolates compute and bubbles in tests."""
+    return ClusterSpec("ideal", DeviceSpec("ideal", flops), FREE_LINK, FREE_LINK, 1 << 30)
+
+
+_THIS_MACHINE: ClusterSpec | None = None
+
+
+def this_machine() -> ClusterSpec:
+    """A preset measured here once per process: float32 matmul FLOP/s of one core
+    and memory-copy bandwidth (the "link" between ranks of one machine)."""
+    global _THIS_MACHINE
+    if _THIS_MACHINE is None:
+        n = 512
+        a = np.ones((n, n), np.float32)
+        a @ a
+        t0 = time.perf_counter()
+        reps = 4
+        for _ in range(reps):
+            a @ a
+        flops = reps * 2 * n**3 / (time.perf_counter() - t0)
+        buf = np.ones(1 << 22, np.uint8)
+        dst = np.empty_like(buf)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            np.copyto(dst, buf)
+        bw = 4 * buf.nbytes / (time.perf_counter() - t0)
+        link = LinkSpec("shared memory (measured)", 5e-6, 1 / bw)
+        _THIS_MACHINE = ClusterSpec("this machine", DeviceSpec("this machine (1 core)", flops),
+                                    link, link, 1 << 30)
+    return _THIS_MACHINE
+
+
+PRESETS = {"a100": a100_cluster, "h100": h100_cluster, "ideal": ideal_cluster,
+           "this-machine": this_machine}
+
+
+def preset(name: str) -> ClusterSpec:
+    """A cluster preset by name: ``a100``, ``h100``, ``ideal`` or ``this-machine``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown cluster preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------- cost model
+def p2p_time(nbytes: int, link: LinkSpec) -> float:
+    """One message: ``alpha + n beta``."""
+    return link.alpha + nbytes * link.beta
+
+
+def collective_time(kind: str, nbytes: int, p: int, link: LinkSpec) -> float:
+    """Duration of a collective over ``p`` ranks (table in the module docstring)."""
+    if p <= 1:
+        return 0.0
+    a, b = link.alpha, link.beta
+    if kind == "all_reduce":
+        return 2 * (p - 1) * a + 2 * nbytes * (p - 1) / p * b
+    if kind in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (p - 1) * a + nbytes * (p - 1) / p * b
+    if kind == "broadcast":
+        return math.ceil(math.log2(p)) * (a + nbytes * b)
+    if kind == "barrier":
+        return math.ceil(math.log2(p)) * a
+    raise ValueError(f"no cost model for collective {kind!r}")
+
+
+def compute_time(flops: float, device: DeviceSpec) -> float:
+    return flops / device.flops
