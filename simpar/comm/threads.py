@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import defaultdict, deque
 from typing import Any, Callable
 
@@ -207,13 +208,14 @@ def launch(fn: Callable[[Comm], Any], world_size: int = 4,
                for r in range(world_size)]
     for t in threads:
         t.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
     for t in threads:
-        t.join(timeout)
+        t.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
         if t.is_alive():
+            stuck = [r for r in range(world_size) if not done[r]]
             world.abort()
             for u in threads:
                 u.join(1.0)
-            stuck = [r for r in range(world_size) if not done[r]]
             raise TimeoutError(f"simpar.launch: ranks {stuck} of {world_size} did not finish "
                                f"within {timeout} s (deadlock?)")
     real = [(r, e) for r, e in errors if not isinstance(e, WorldAborted)] or errors
