@@ -65,13 +65,9 @@ def run(fn: Callable[[Comm], Any], world_size: int | None = None, backend: str =
     try:
         result = fn(comm)
     except BaseException:
-        import sys
         import traceback
         traceback.print_exc()
-        sys.stderr.write(f"simpar: rank {comm.rank} failed; aborting the job\n")
-        sys.stderr.flush()
-        from mpi4py import MPI
-        MPI.COMM_WORLD.Abort(1)
+        mpi.abort_job()
         raise
     return comm.gather_objects(result)
 

@@ -164,16 +164,23 @@ def abort_on_exception() -> None:
     By default mpi4py leaves the other ranks waiting forever; this hook prints
     the traceback, then calls ``MPI.COMM_WORLD.Abort(1)``.
     """
-    MPI = _mpi()
     previous = sys.excepthook
 
     def hook(kind, value, tb):
         previous(kind, value, tb)
-        sys.stderr.write(f"simpar: rank {MPI.COMM_WORLD.Get_rank()} failed; aborting the job\n")
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+        abort_job()
 
     sys.excepthook = hook
+
+
+def abort_job() -> None:
+    """End every rank of the job (after giving the launcher time to forward stderr)."""
+    MPI = _mpi()
+    sys.stderr.write(f"simpar: rank {MPI.COMM_WORLD.Get_rank()} failed; aborting the job\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    time.sleep(0.3)
+    MPI.COMM_WORLD.Abort(1)
 
 
 def world(cluster=None, check=None) -> MPIComm:

@@ -1,0 +1,62 @@
+"""Finite-difference gradient checking shared by the nn tests (float64 only)."""
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-6        # central-difference step
+RTOL = 1e-6       # allowed relative error
+
+
+def numerical_grad(f, arr: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """Central differences of the scalar ``f()`` w.r.t. every entry of ``arr``,
+    which is perturbed in place and restored."""
+    g = np.zeros(arr.shape, dtype=np.float64)
+    it = np.nditer(arr, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = arr[i].copy()
+        arr[i] = old + eps
+        fp = f()
+        arr[i] = old - eps
+        fm = f()
+        arr[i] = old
+        g[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+def rel_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
+    """``max |a − n| / max(max |n|, max |a|)``, 0 when both vanish."""
+    a = np.asarray(analytic, dtype=np.float64)
+    n = np.asarray(numeric, dtype=np.float64)
+    assert a.shape == n.shape, (a.shape, n.shape)
+    scale = max(np.max(np.abs(a), initial=0.0), np.max(np.abs(n), initial=0.0))
+    if scale < 1e-12:
+        return 0.0
+    return float(np.max(np.abs(a - n)) / scale)
+
+
+def assert_grad_close(analytic, numeric, what: str, rtol: float = RTOL) -> None:
+    err = rel_error(analytic, numeric)
+    assert err <= rtol, f"gradient of {what}: relative error {err:.3g} > {rtol:g}"
+    # a check against an all-zero gradient would prove nothing
+    assert np.max(np.abs(numeric)) > 1e-9, f"gradient of {what} vanishes: weak test"
+
+
+def check_module_grads(m, x, rng, check_input: bool = True) -> None:
+    """Gradient check of module ``m`` at input ``x`` for the scalar loss
+    ``L = Σ w · m(x)`` with a random ``w``: input gradient and every parameter."""
+    y = m.forward(x, key="analytic")
+    w = rng.standard_normal(y.shape)
+    m.zero_grad()
+    dx = m.backward(w, key="analytic")
+    assert m.saved_keys() == []
+
+    def f() -> float:
+        out = m.forward(x, key="fd")
+        m.clear_saved("fd")
+        return float(np.sum(out * w))
+
+    if check_input:
+        assert_grad_close(dx, numerical_grad(f, x), "input")
+    for name, p in m.parameters().items():
+        assert_grad_close(m.gradients()[name], numerical_grad(f, p), name)
