@@ -10,7 +10,7 @@ Every public collective follows the same four steps::
     x = self._prepare(x)                     # dtype check, make contiguous
     self._agree("all_reduce", x, ...)        # SIMPAR_CHECK: same shapes everywhere?
     start = self._sync_clock(nbytes)         # collective starts at the latest member
-    out = self._raw_all_reduce(x, op)        # the backend moves the bytes
+    out = self._raw_all_reduce(x, op, out)   # the backend moves the bytes
     self._record(...)                        # tracer: wall + simulated event
 """
 from __future__ import annotations
@@ -52,7 +52,8 @@ def as_message(x: np.ndarray) -> np.ndarray:
     if x.ndim > _MAX_DIMS:
         raise ValueError(f"arrays of more than {_MAX_DIMS} dimensions are not supported "
                          f"(got shape {x.shape})")
-    return np.ascontiguousarray(x)
+    # (np.ascontiguousarray would turn a 0-d array into shape (1,))
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
 def _check_op(op: str) -> None:
@@ -105,12 +106,24 @@ class Comm:
         return self.tracer.cluster.link(self.world_ranks)
 
     # ============================================================ collectives
-    def all_reduce(self, x: np.ndarray, op: str = "sum") -> np.ndarray:
-        """Element-wise ``op`` (sum / max / min) over the group; every rank gets it."""
+    def all_reduce(self, x: np.ndarray, op: str = "sum", out: np.ndarray | None = None
+                   ) -> np.ndarray:
+        """Element-wise ``op`` (sum / max / min) over the group; every rank gets it.
+
+        The result goes to a fresh array, or into ``out`` (a C-contiguous array
+        of the same shape and dtype; ``out=x`` reduces in place, as a gradient
+        all-reduce does)."""
         _check_op(op)
         x = as_message(x)
+        if out is None:
+            out = np.empty_like(x)
+        elif (not isinstance(out, np.ndarray) or out.shape != x.shape or out.dtype != x.dtype
+              or not out.flags.c_contiguous):
+            raise ValueError(f"all_reduce: out must be a C-contiguous {x.dtype} array of shape "
+                             f"{x.shape}, got {getattr(out, 'dtype', type(out))} "
+                             f"{getattr(out, 'shape', '')}")
         self._agree("all_reduce", x, extra=REDUCE_OPS.index(op))
-        return self._collective("all_reduce", x.nbytes, lambda: self._raw_all_reduce(x, op))
+        return self._collective("all_reduce", x.nbytes, lambda: self._raw_all_reduce(x, op, out))
 
     def all_gather(self, x: np.ndarray, axis: int = 0) -> np.ndarray:
         """Concatenate every rank's ``x`` along ``axis`` (rank order)."""
@@ -271,7 +284,7 @@ class Comm:
         sig[2] = extra
         sig[3] = len(dims)
         sig[4:4 + len(dims)] = dims
-        table = self._raw_all_gather(sig)
+        table = self._raw_gather_signature(sig)
         if (table == table[0]).all():
             return
         rows = []
@@ -285,11 +298,16 @@ class Comm:
                          f"(SIMPAR_CHECK): " + "; ".join(rows))
 
     def _collective(self, kind: str, nbytes: int, run):
-        """Simulated clock + tracer around one collective (DESIGN.md §4)."""
+        """Simulated clock + tracer around one collective (DESIGN.md §4).
+
+        A tiny max-all-reduce of ``[sim time, bytes]`` first: the collective
+        starts at the latest member's time and lasts as long as its largest
+        member's message.  It doubles as the arrival point where backends wait
+        politely, so the data itself moves with everyone present."""
         t = self.tracer
         wall0 = time.perf_counter()
         if self.size > 1:
-            latest = self._raw_all_reduce(np.array([t.sim_now, float(nbytes)]), "max")
+            latest = self._raw_arrive(np.array([t.sim_now, float(nbytes)]))
             start, nbytes = float(latest[0]), int(latest[1])
         else:
             start = t.sim_now
@@ -302,7 +320,16 @@ class Comm:
         return out
 
     # ============================================== backend primitives
-    def _raw_all_reduce(self, x: np.ndarray, op: str) -> np.ndarray:
+    def _raw_arrive(self, clock: np.ndarray) -> np.ndarray:
+        """Element-wise max of a tiny array over the group.  Every member must
+        arrive before a collective's data moves; backends wait here politely."""
+        raise NotImplementedError
+
+    def _raw_gather_signature(self, sig: np.ndarray) -> np.ndarray:
+        """All ranks' call signatures (SIMPAR_CHECK); also an arrival point."""
+        return self._raw_all_gather(sig)
+
+    def _raw_all_reduce(self, x: np.ndarray, op: str, out: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def _raw_all_gather(self, x: np.ndarray) -> np.ndarray:

@@ -69,10 +69,14 @@ class _Group:
         except threading.BrokenBarrierError:
             raise WorldAborted("another rank failed; this rank was released") from None
 
-    def exchange(self, rank: int, obj: Any) -> list:
+    def exchange_begin(self, rank: int, obj: Any) -> list:
+        """Publish ``obj`` and read everyone's; call ``wait()`` when done reading."""
         self.slots[rank] = obj
         self.wait()
-        out = list(self.slots)
+        return list(self.slots)
+
+    def exchange(self, rank: int, obj: Any) -> list:
+        out = self.exchange_begin(rank, obj)
         self.wait()
         return out
 
@@ -88,11 +92,16 @@ class ThreadComm(Comm):
         self._mail_id = id(group)
 
     # ---------------------------------------------------------- collectives
-    def _raw_all_reduce(self, x, op):
-        parts = self._group.exchange(self.rank, x)
-        out = parts[0].copy()
+    def _raw_arrive(self, clock):
+        return self._raw_all_reduce(clock, "max", np.empty_like(clock))
+
+    def _raw_all_reduce(self, x, op, out):
+        parts = self._group.exchange_begin(self.rank, x)
+        acc = parts[0].copy()                   # rank order: bit-identical on every rank
         for p in parts[1:]:
-            _REDUCE[op](out, p, out=out)
+            _REDUCE[op](acc, p, out=acc)
+        self._group.wait()                      # all have read: out may alias x now
+        np.copyto(out, acc)
         return out
 
     def _raw_all_gather(self, x):

@@ -35,6 +35,13 @@ def check_all_reduce(comm):
             np.testing.assert_array_equal(comm.all_reduce(x, op="max"), np.max(parts, axis=0))
             np.testing.assert_array_equal(comm.all_reduce(x, op="min"), np.min(parts, axis=0))
             assert comm.all_reduce(x).dtype == dtype
+            out = np.empty_like(x)
+            got = comm.all_reduce(x, out=out)
+            assert got is out
+            np.testing.assert_array_equal(out, sum(parts[1:], parts[0]))
+            y = x.copy()
+            comm.all_reduce(y, op="max", out=y)                 # in place
+            np.testing.assert_array_equal(y, np.max(parts, axis=0))
 
 
 def check_all_gather(comm):

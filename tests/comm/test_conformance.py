@@ -31,3 +31,11 @@ def test_mpi(size):
     # the simulated clock is bit-identical across backends
     line = next(l for l in res.stdout.splitlines() if l.startswith("simtimes "))
     assert line.split()[1:] == _threads_simtimes(size)
+
+
+@pytest.mark.mpi
+def test_mpi_polite_waiting():
+    """The spin-then-sleep waiting path (used when ranks outnumber cores)."""
+    res = run_mpi(3, "tests/comm/conformance.py", timeout=120, env={"SIMPAR_POLITE": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert all(f"ok {c.__name__}" in res.stdout for c in CHECKS)

@@ -141,6 +141,8 @@ def test_bad_arguments():
     assert "(5, 2)" in str(e) and "2" in str(e)
     e = _every_rank_raises(lambda c: c.all_to_all(np.zeros((3, 1)), [1, 1]), 2)[0]
     assert "sum to 2" in str(e)
+    e = _every_rank_raises(lambda c: c.all_reduce(np.zeros(2), out=np.zeros(3)), 2)[0]
+    assert "shape (2,)" in str(e)
     e = _every_rank_raises(lambda c: c.all_gather(np.zeros(2), axis=3), 2)[0]
     assert "axis 3" in str(e)
 

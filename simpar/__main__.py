@@ -1,0 +1,32 @@
+"""The ``simpar`` command line.
+
+    python -m simpar demo [--world-size N] [--cluster a100|h100|this-machine]
+    python -m simpar train [--steps N]          # reference single-device training
+    mpiexec -n 4 python -m simpar demo
+"""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": ("simpar.demos.overview", "mesh, reference step across devices, collectives, timeline"),
+    "train": ("simpar.train", "train the reference GPT on the shipped corpus (one device)"),
+}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<6} {text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.exit(f"\nunknown command {argv[0]!r}")
+        return
+    import importlib
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()
