@@ -39,3 +39,30 @@ def test_mpi_polite_waiting():
     res = run_mpi(3, "tests/comm/conformance.py", timeout=120, env={"SIMPAR_POLITE": "1"})
     assert res.returncode == 0, res.stdout + res.stderr
     assert all(f"ok {c.__name__}" in res.stdout for c in CHECKS)
+
+
+# ------------------------------------------------ shapes chosen by hypothesis
+from hypothesis import given, settings, strategies as st  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+@settings(max_examples=15, deadline=None)
+@given(size=st.integers(1, 4), shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       axis_seed=st.integers(0, 10), dtype=st.sampled_from([np.float64, np.float32, np.int64]))
+def test_gather_scatter_shapes(size, shape, axis_seed, dtype):
+    """all_gather then reduce_scatter along the same axis: reduce_scatter of the
+    gathered array is size x (my part) only if every rank contributed the same;
+    here each rank's part differs, so compare with the sum computed directly."""
+    axis = axis_seed % len(shape)
+
+    def fn(comm):
+        rng = np.random.default_rng(100 + comm.rank)
+        mine = rng.integers(-5, 5, size=shape).astype(dtype)
+        parts = [np.random.default_rng(100 + r).integers(-5, 5, size=shape).astype(dtype)
+                 for r in range(comm.size)]
+        full = comm.all_gather(mine, axis=axis)
+        np.testing.assert_array_equal(full, np.concatenate(parts, axis=axis))
+        back = comm.reduce_scatter(full, axis=axis)
+        total = sum(np.concatenate(parts, axis=axis) for _ in range(comm.size))
+        np.testing.assert_array_equal(back, np.split(total, comm.size, axis=axis)[comm.rank])
+    launch(fn, size, timeout=30)
