@@ -61,6 +61,16 @@ def test_tokenizer_names_unknown_character(text, bad):
     assert "position 3" in str(e.value)
 
 
+def test_tokenizer_beyond_latin1():
+    tok = CharTokenizer("ab\u20ac\u00e9")
+    assert tok.chars == ["a", "b", "\u00e9", "\u20ac"]
+    np.testing.assert_array_equal(tok.encode("\u20acab\u00e9"), [3, 0, 1, 2])
+    np.testing.assert_array_equal(tok.encode("ba"), [1, 0])
+    assert tok.decode(tok.encode("\u20ac\u00e9b")) == "\u20ac\u00e9b"
+    with pytest.raises(ValueError, match="'z' at position 1"):
+        tok.encode("\u20acz")
+
+
 def test_tokenizer_errors():
     tok = CharTokenizer("abc")
     with pytest.raises(ValueError, match="3"):
