@@ -98,11 +98,16 @@ class Tracer:
 
     @contextmanager
     def compute(self, name: str, flops: float = 0.0, **args) -> Iterator[None]:
-        """A compute region: advances the simulated clock by ``flops / device.flops``."""
+        """A compute region: advances the simulated clock by ``flops / device.flops``.
+
+        The advance is added on exit, on top of whatever happened inside, so
+        regions nest and may contain communication (a tensor-parallel block):
+        ``flops`` should count only the region's own work, not its nested regions'.
+        """
         t0 = time.perf_counter()
         s0 = self.sim_now
         yield
-        self.sim_now = s0 + sim.compute_time(flops, self.cluster.device)
+        self.sim_now += sim.compute_time(flops, self.cluster.device)
         self.add("compute", name, t0, time.perf_counter(), s0, self.sim_now,
                  flops=flops, args=args)
 

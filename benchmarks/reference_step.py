@@ -1,0 +1,122 @@
+"""One training step of the reference GPT in float32 on one BLAS thread.
+
+    python benchmarks/reference_step.py [--steps 5] [--profile]
+
+Measures forward + backward + AdamW of the reference model (h=512, s=256, b=8,
+4 layers, 8 heads, vocab 65) and compares its model FLOP/s (3 × forward matmul
+FLOPs / step time) with a plain NumPy float32 matmul of comparable size measured in
+the same run.  The ratio says how much of the machine's matmul speed the
+hand-written NumPy model keeps (target ≥ 0.60).
+"""
+import os
+
+os.environ["OPENBLAS_NUM_THREADS"] = "1"     # before NumPy is imported
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+if "--no-tune-malloc" in os.sys.argv:           # import simpar tunes malloc unless told not to
+    os.environ["SIMPAR_TUNE_MALLOC"] = "0"
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import pstats  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import simpar  # noqa: E402
+from simpar.nn import GPT, GPTConfig  # noqa: E402
+from simpar.optim import AdamW  # noqa: E402
+
+CONFIG = GPTConfig(vocab_size=65, seq_len=256, n_layer=4, n_head=8, d_model=512)
+BATCH = 8
+
+
+class MatmulProbe:
+    """FLOP/s of a plain (2048×512) @ (512×2048) float32 product."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.a = rng.standard_normal((2048, 512), dtype=np.float32)
+        self.b = rng.standard_normal((512, 2048), dtype=np.float32)
+        self.out = np.empty((2048, 2048), np.float32)
+        np.matmul(self.a, self.b, out=self.out)
+
+    def __call__(self, repeats: int = 5) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            np.matmul(self.a, self.b, out=self.out)
+            times.append(time.perf_counter() - t0)
+        return 2.0 * 2048 * 512 * 2048 / float(np.median(times))
+
+
+def make_step():
+    model = GPT(CONFIG, seed=0, dtype=np.float32)
+    opt = AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, CONFIG.vocab_size, size=(BATCH, CONFIG.seq_len))
+    tgt = rng.integers(0, CONFIG.vocab_size, size=(BATCH, CONFIG.seq_len))
+
+    def step() -> float:
+        model.zero_grad()
+        loss = model.loss(idx, tgt)
+        opt.step(model.gradients())
+        return loss
+
+    return model, step
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile summary")
+    ap.add_argument("--no-tune-malloc", dest="tune", action="store_false",
+                    help="keep glibc's default allocator thresholds")
+    args = ap.parse_args(argv)
+
+    tuned = simpar.runtime._tuned
+    model, step = make_step()
+    probe = MatmulProbe()
+    b, s = BATCH, CONFIG.seq_len
+    step_flops = 3.0 * model.flops(b, s)
+    loss0 = step()                                    # warm-up
+    times, cpu, mms = [], [], []
+    for _ in range(args.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        mms.append(probe())                           # same load as the step just seen
+    t = float(np.median(times))
+    mm = float(np.median(mms))
+    model_fs = step_flops / t
+
+    print(f"reference GPT step, float32, 1 BLAS thread: h={CONFIG.d_model} s={s} b={b} "
+          f"layers={CONFIG.n_layer} heads={CONFIG.n_head} vocab={CONFIG.vocab_size} "
+          f"({model.num_parameters() / 1e6:.2f} M parameters)")
+    print(f"allocator            {'glibc thresholds raised (mallopt)' if tuned else 'defaults'}")
+    print(f"loss                 {loss0:.4f} -> {loss:.4f}")
+    print(f"step time (median)   {t * 1e3:.1f} ms   (steps: "
+          + ", ".join(f"{x * 1e3:.0f}" for x in times) + ")")
+    print(f"model FLOPs / step   {step_flops / 1e9:.2f} GFLOP (3 x forward matmul FLOPs)")
+    print(f"model FLOP/s         {model_fs / 1e9:.1f} GFLOP/s")
+    print(f"plain matmul FLOP/s  {mm / 1e9:.1f} GFLOP/s  ((2048x512) @ (512x2048) float32)")
+    print(f"ratio                {model_fs / mm:.3f}   (target >= 0.60)")
+    print(f"(CPU time per step   {float(np.median(cpu)) * 1e3:.1f} ms: wall and CPU differ when "
+          f"other processes share the cores)")
+
+    if args.profile:
+        prof = cProfile.Profile(time.process_time)
+        prof.enable()
+        for _ in range(args.steps):
+            step()
+        prof.disable()
+        print(f"\ncProfile (CPU time) over {args.steps} steps, top 15 by tottime:")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()
