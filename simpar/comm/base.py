@@ -177,11 +177,12 @@ class Comm:
             raise ValueError(f"all_to_all: send_counts sum to {int(counts.sum())} but x has "
                              f"shape {x.shape}")
         self._agree("all_to_all", x, extra=0, skip_first_dim=True)
-        recv_counts = self._raw_all_to_all_counts(counts)
+
+        def run():      # counts first, inside the traced region (waiting shows as comm)
+            recv_counts = self._raw_all_to_all_counts(counts)
+            return self._raw_all_to_all(x, counts, recv_counts), recv_counts
         # n = the bytes one rank holds; members may differ, the collective lasts for the largest
-        return self._collective(
-            "all_to_all", x.nbytes,
-            lambda: (self._raw_all_to_all(x, counts, recv_counts), recv_counts))
+        return self._collective("all_to_all", x.nbytes, run)
 
     # ====================================================== point-to-point
     def send(self, x: np.ndarray, dst: int, tag: int = 0) -> None:

@@ -1,0 +1,86 @@
+"""Closed-form communication volume and activation memory of tensor parallelism.
+
+The tests check these formulas against what the code really does: bytes from the
+tracer's communication events, activation bytes from the memory ledger.
+
+**Bytes on the wire (ring model, DESIGN.md §6).**  A communication event records
+``n`` = the bytes of the full buffer (all-reduce: the array; all-gather: its
+output; reduce-scatter: its input).  In a ring of ``p`` ranks each device sends
+(and receives) ``n·(p−1)/p`` bytes for an all-gather or a reduce-scatter, and
+twice that for an all-reduce (a reduce-scatter followed by an all-gather)::
+
+    ring_bytes(event) = 2n(p−1)/p  (all-reduce),   n(p−1)/p  (all-gather, reduce-scatter)
+
+A transformer layer with tensor parallelism all-reduces the ``(b, s, h)``
+activation 4 times (2 forward, 2 backward), so per device it moves
+``4 · 2·bsh·(t−1)/t = 8·b·s·h·(t−1)/t`` elements (Narayanan et al. 2021 §3.2);
+sequence parallelism's 4 all-gathers + 4 reduce-scatters of the same tensor move
+exactly as much.
+"""
+from __future__ import annotations
+
+from ...trace import Event
+
+
+def ring_bytes(event: Event) -> float:
+    """Bytes one device sends for a traced collective, in the ring model."""
+    p, n = event.args.get("size", 1), event.nbytes
+    if event.name == "all_reduce":
+        return 2.0 * n * (p - 1) / p
+    if event.name in ("all_gather", "reduce_scatter"):
+        return 1.0 * n * (p - 1) / p
+    raise ValueError(f"no ring model for {event.name!r}")
+
+
+def layer_comm_elements(b: int, s: int, h: int, t: int) -> float:
+    """Elements one device sends per transformer layer (forward + backward),
+    with or without sequence parallelism: ``8·b·s·h·(t−1)/t``."""
+    return 8.0 * b * s * h * (t - 1) / t
+
+
+def mlp_comm_elements(b: int, s: int, h: int, d_ff: int, t: int, naive: bool = False) -> float:
+    """Elements one device sends for one MLP, forward + backward.
+
+    Megatron (:class:`~.mlp.ParallelMLP`): one all-reduce of ``bsh`` each way,
+    ``4·bsh·(t−1)/t``.  Naive (:class:`~.mlp.NaiveTensorParallelMLP`): forward
+    all-gathers of ``bs·d_ff`` and ``bsh``, backward all-reduces of the same,
+    ``3·bs·(d_ff + h)·(t−1)/t`` (= ``15·bsh·(t−1)/t`` with ``d_ff = 4h``).
+    """
+    per_rank = (t - 1) / t
+    if naive:
+        return 3.0 * b * s * (d_ff + h) * per_rank
+    return 4.0 * b * s * h * per_rank
+
+
+def activation_elements(b: int, s: int, h: int, n_head: int, t: int, d_ff: int | None = None,
+                        sequence_parallel: bool = False) -> int:
+    """Elements one device saves for backward per transformer layer (exact).
+
+    The table in :mod:`.transformer` lists every saved tensor.  With ``d_ff = 4h``:
+
+    * tensor parallel: ``bsh·(4 + 12/t) + 2bs + a·b·s²/t``
+    * tensor + sequence parallel: ``bsh·(2 + 14/t) + 2bs/t + a·b·s²/t``
+
+    (``t = 1`` gives the reference block's ``16bsh + 2bs + a·b·s²`` either way.)
+    """
+    d_ff = 4 * h if d_ff is None else d_ff
+    bsh = b * s * h
+    split = 3 * bsh // t + bsh // t + 2 * b * s * d_ff // t + n_head * b * s * s // t
+    gathered = 2 * bsh                                     # qkv and fc1 inputs
+    layernorms = 2 * (bsh + b * s)                         # x̂ and 1/σ, twice
+    if sequence_parallel:
+        layernorms //= t
+    return gathered + layernorms + split
+
+
+def korthikanti_activation_bytes(b: int, s: int, h: int, n_head: int, t: int,
+                                 sequence_parallel: bool = False) -> float:
+    """Korthikanti et al. 2022, Table 2: bytes per layer (16-bit, dropout masks).
+
+    tensor parallel ``sbh(10 + 24/t + 5as/(ht))``; with sequence parallelism
+    ``sbh(34 + 5as/h)/t``.
+    """
+    a = n_head
+    if sequence_parallel:
+        return s * b * h * (34 + 5 * a * s / h) / t
+    return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))

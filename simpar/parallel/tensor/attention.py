@@ -1,0 +1,88 @@
+"""Tensor-parallel self-attention (Megatron-LM, Shoeybi et al. 2019, §3, Fig. 3b).
+
+Attention heads are independent, so the heads are split over the tp group: rank
+``i`` owns heads ``[i·a/t, (i+1)·a/t)``.  The fused QKV projection is
+column-parallel with its ``[q | k | v]`` blocks split separately (``parts=3``), so
+each rank computes the queries, keys and values of *its* heads from the whole
+input and runs attention on them without any communication.  The output
+projection is row-parallel: its rows are the hidden channels of this rank's heads.
+As in the MLP: ``f`` before QKV, ``g`` after the projection — one all-reduce
+forward, one backward.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ... import trace
+from ...comm import Comm
+from ...nn import CausalSelfAttention
+from ...nn import functional as F
+from ...nn.module import frozen
+from .layers import ColumnParallelLinear, RowParallelLinear, TensorParallelModule, check_divisible
+
+
+class ParallelAttention(TensorParallelModule):
+    """Causal multi-head self-attention with the heads split over ``tp``.
+
+    Input/output: replicated ``(b, s, h)``, or sequence shards ``(b, s/t, h)`` with
+    ``sequence_parallel`` (the QKV layer all-gathers the sequence: attention needs
+    every token).
+    """
+
+    def __init__(self, h: int, n_head: int, tp: Comm, sequence_parallel: bool = False,
+                 dtype=np.float64, trace_name: str = "attn") -> None:
+        super().__init__(tp, sequence_parallel)
+        check_divisible("hidden size h", h, tp.size)
+        check_divisible("n_head", n_head, tp.size)
+        if h % n_head:
+            raise ValueError(f"hidden size h={h} is not divisible by n_head={n_head}")
+        self.h, self.n_head, self.trace_name = h, n_head, trace_name
+        self.h_local, self.n_head_local = h // tp.size, n_head // tp.size
+        self.qkv = self.add_child("qkv", ColumnParallelLinear(
+            h, 3 * h, tp, sequence_parallel=sequence_parallel, parts=3, dtype=dtype,
+            trace_name=f"{trace_name}.qkv"))
+        self.proj = self.add_child("proj", RowParallelLinear(
+            h, h, tp, sequence_parallel=sequence_parallel, dtype=dtype,
+            trace_name=f"{trace_name}.proj"))
+
+    @classmethod
+    def from_reference(cls, attn: CausalSelfAttention, tp: Comm,
+                       sequence_parallel: bool = False,
+                       trace_name: str = "attn") -> "ParallelAttention":
+        """Cut this rank's heads from a reference :class:`~simpar.nn.CausalSelfAttention`."""
+        m = cls(attn.h, attn.n_head, tp, sequence_parallel, attn.qkv.params["W"].dtype,
+                trace_name)
+        m.qkv.load_reference(attn.qkv)
+        m.proj.load_reference(attn.proj)
+        return m
+
+    def _core_flops(self, b: int, s: int) -> float:
+        return F.attention_flops(b, s, self.h_local)
+
+    def forward(self, x, key=0):
+        hl = self.h_local
+        qkv = self.qkv.forward(x, key)                 # (b, s, 3h/t) = [q_i | k_i | v_i]
+        b, s = qkv.shape[0], qkv.shape[1]
+        with trace.compute(f"{self.trace_name}.core.forward", flops=self._core_flops(b, s)):
+            y, (q, k, v, att, _) = F.causal_attention_forward(
+                qkv[..., :hl], qkv[..., hl:2 * hl], qkv[..., 2 * hl:], self.n_head_local)
+        self._save(key, q=q, k=k, v=v, att=att)        # views of qkv, and P
+        return self.proj.forward(frozen(y), key)
+
+    def backward(self, dy, key=0):
+        hl = self.h_local
+        dy = self.proj.backward(dy, key)               # (b, s, h/t)
+        sv = self._pop(key)
+        b, s = dy.shape[0], dy.shape[1]
+        scale = 1.0 / math.sqrt(self.h // self.n_head)
+        dqkv = np.empty((b, s, 3 * hl), dtype=dy.dtype)
+        with trace.compute(f"{self.trace_name}.core.backward", flops=2 * self._core_flops(b, s)):
+            F.causal_attention_backward(
+                dy, (sv["q"], sv["k"], sv["v"], sv["att"], scale),
+                out=(dqkv[..., :hl], dqkv[..., hl:2 * hl], dqkv[..., 2 * hl:]))
+        return self.qkv.backward(dqkv, key)
+
+    def flops(self, batch: int, seq: int) -> float:
+        return super().flops(batch, seq) + self._core_flops(batch, seq)
