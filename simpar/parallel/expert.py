@@ -1,0 +1,271 @@
+"""Expert parallelism: the experts of an MoE layer split over ``ep`` ranks
+(GShard, Lepikhin et al. 2020 §2.2-3.1; Switch Transformer, Fedus et al. 2021 §2.2).
+
+Every rank of the expert-parallel group holds the whole (replicated) router and
+``N / ep`` experts: rank ``r`` holds experts ``[r·N/ep, (r+1)·N/ep)``.  Each rank
+routes **its own** tokens; one MoE layer then runs::
+
+    forward                                       backward
+    1. router, top-k, capacity (local)            4'. combine⁻¹: dY·gate rows go to the experts
+    2. all_gather   kept counts per expert        3'. experts backward (local)
+       dispatch:    all_to_all  token rows  ──►   2'. dispatch⁻¹: dx rows come back
+    3. experts (local)                            1'. router backward; all_reduce router grad
+    4. combine:     all_to_all  output rows ◄──
+
+so two all-to-alls forward and two backward, each moving exactly the rows that
+routing kept (uneven: ``comm.all_to_all`` exchanges the per-rank counts
+first).  The counts *per expert* are exchanged once, by the small
+``all_gather`` of step 2, so that a rank knows which of the rows it receives
+belong to which of its experts.  The backward all-to-alls mirror the forward
+ones: the gradient of the combine travels like the dispatch, and the gradient
+of the dispatch travels like the combine.
+
+**Capacity under expert parallelism.** Capacity is counted per *source rank's*
+batch, as GShard counts it per group: a rank with ``T`` tokens lets each expert
+take at most ``C = ⌈k·T/N·capacity_factor⌉`` of its assignments, with its own
+priority order, so an expert receives at most ``ep·C`` rows.  The reference
+:class:`~simpar.nn.moe.MoE` with ``groups = ep``, run on the union of the ranks'
+batches (rank order), makes exactly the same decisions.
+
+**Losses and gradients.** The layer computes gradients of the *global* loss
+``L = (1/ep) Σ_r L_r``, the mean over the group of the ranks' losses (for equal
+batches: the loss of the union of tokens, as the reference sees it).  So
+
+* the caller passes ``dy = ∂L/∂y`` (e.g. a rank's mean cross-entropy with
+  ``dloss = 1/ep``), and the layer adds its auxiliary loss with weight
+  ``aux_scale = 1/ep`` (the reference averages its groups' auxiliary losses);
+  ``stats[key].aux_loss`` is this rank's own (group's) auxiliary loss;
+* an expert's gradient collects the contributions of every rank's tokens (the
+  all-to-alls brought them), and is complete as it stands;
+* the router is replicated, so its gradient is **summed over the group** (an
+  ``all_reduce`` in backward), the conjugate of using the same weights on
+  every rank.  Every other replicated parameter of a model (attention,
+  embeddings, LayerNorms) needs the same sum: :func:`sync_replicated_grads`.
+
+Pitfalls this layout avoids: an auxiliary loss whose gradient is silently
+dropped (tested: it reaches the router), or scaled by the wrong group size
+(``1/ep`` here, matching the reference's mean over groups).
+
+Load statistics (this rank's tokens per expert, dropped fraction, auxiliary
+losses) are recorded as ``args["moe"]`` of the ``<name>.router.forward`` compute
+event, as in the reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import trace
+from ..comm import Comm
+from ..nn import functional as F
+from ..nn.layers import MLP, Linear
+from ..nn.module import Module, frozen
+from ..nn.moe import (MoE, MoEStats, check_input, check_moe_config, expert_capacity,
+                      expert_flops, experts_backward_region, experts_backward_weights,
+                      load_balance_loss, route, router_flops, router_z_loss, top_k_backward)
+from ..nn.moe_gpt import MoETransformerBlock
+
+__all__ = ["ExpertParallelMoE", "check_expert_parallel", "shard_experts",
+           "sync_replicated_grads", "expert_parallel_loss"]
+
+
+def check_expert_parallel(n_experts: int, ep: int) -> None:
+    """``ValueError`` unless the experts split evenly over ``ep`` ranks."""
+    if n_experts % ep:
+        raise ValueError(f"expert parallelism: n_experts={n_experts} is not divisible by "
+                         f"ep={ep} (each rank must hold the same number of experts)")
+
+
+class ExpertParallelMoE(Module):
+    """An :class:`~simpar.nn.moe.MoE` layer whose experts are split over ``comm``.
+
+    Build it with :meth:`from_reference`.  Holds ``router.W`` (replicated) and
+    ``experts.{e}.*`` for its own experts only, under the reference's names.
+    """
+
+    def __init__(self, comm: Comm, h: int, n_experts: int, d_ff: int, k: int,
+                 capacity_factor: float | None, drop_policy: str, balance_coef: float,
+                 z_coef: float, aux_scale: float | None = None, dtype=np.float64,
+                 trace_name: str = "moe") -> None:
+        super().__init__()
+        check_moe_config(h, n_experts, k, capacity_factor, drop_policy)
+        check_expert_parallel(n_experts, comm.size)
+        self.comm = comm
+        self.h, self.n_experts, self.k, self.d_ff = h, n_experts, k, d_ff
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.balance_coef, self.z_coef = balance_coef, z_coef
+        self.aux_scale = 1.0 / comm.size if aux_scale is None else aux_scale
+        self.trace_name = trace_name
+        self.n_local = n_experts // comm.size
+        self.first = comm.rank * self.n_local          # my experts: [first, first + n_local)
+        # placeholder weights (fixed seed); from_reference copies the real ones
+        self.router = self.add_child("router", Linear(h, n_experts, bias=False, rng=0,
+                                                      dtype=dtype))
+        self.experts = {e: self.add_child(f"experts.{e}", MLP(h, d_ff, rng=e, dtype=dtype))
+                        for e in range(self.first, self.first + self.n_local)}
+        self.stats: dict = {}
+
+    @classmethod
+    def from_reference(cls, ref: MoE, comm: Comm, aux_scale: float | None = None
+                       ) -> "ExpertParallelMoE":
+        """Cut from a reference layer: copy the router and this rank's experts.
+        Raises (before any communication) if the experts do not split over ``comm``."""
+        layer = cls(comm, ref.h, ref.n_experts, ref.d_ff, ref.k, ref.capacity_factor,
+                    ref.drop_policy, ref.balance_coef, ref.z_coef, aux_scale,
+                    dtype=ref.router.params["W"].dtype, trace_name=ref.trace_name)
+        sd = ref.state_dict()
+        layer.load_state_dict({name: sd[name] for name in layer.parameters()})
+        return layer
+
+    # ----------------------------------------------------------- routing
+    def _route(self, X: np.ndarray, key):
+        """Router, top-k and capacity for this rank's tokens (one GShard group)."""
+        T = X.shape[0]
+        record: dict = {}           # filled below; the tracer stores it with the event
+        with trace.compute(f"{self.trace_name}.router.forward",
+                           flops=router_flops(T, self.h, self.n_experts), moe=record):
+            z = F.linear_forward(X, self.router.params["W"])
+            p = F.softmax(z)
+            C = expert_capacity(T, self.n_experts, self.k, self.capacity_factor)
+            r = route(p, self.k, C, self.drop_policy)
+            lb = load_balance_loss(p, r.experts)[0]
+            zl = router_z_loss(z, p)[0]
+            stats = MoEStats(r.routed_per_expert(), r.kept_per_expert(), C, lb, zl,
+                             self.balance_coef * lb + self.z_coef * zl)
+            record.update(stats.as_dict())
+        self.stats[key] = stats
+        return z, p, r
+
+    def _receive_layout(self, kept_table: np.ndarray) -> dict:
+        """Rows of the dispatch receive buffer that belong to each of my experts.
+
+        ``kept_table[s, e]``: rows rank ``s`` sends to expert ``e``.  From each
+        source the rows arrive sorted by expert, sources in rank order."""
+        mine = kept_table[:, self.first:self.first + self.n_local]     # (ep, n_local)
+        starts = np.cumsum(np.concatenate([[0], mine.reshape(-1)]))[:-1].reshape(mine.shape)
+        return {self.first + j: np.concatenate(
+                    [np.arange(starts[s, j], starts[s, j] + mine[s, j]) for s in range(len(mine))]
+                ).astype(np.int64) for j in range(self.n_local)}
+
+    # ----------------------------------------------------------- forward
+    def forward(self, x, key=0):
+        check_input(x, self.h)
+        X = x.reshape(-1, self.h)
+        z, p, r = self._route(X, key)
+        tok, cho = r.dispatch()                          # rows to send, sorted by expert
+        kept = r.kept_per_expert()
+        send_counts = kept.reshape(self.comm.size, self.n_local).sum(axis=1)
+        # counts per expert: every rank learns what every rank sends to every expert
+        kept_table = self.comm.all_gather(kept[None, :].astype(np.int64), axis=0)
+        layout = self._receive_layout(kept_table)
+        # dispatch: token rows travel to the ranks holding their experts
+        x_recv, recv_counts = self.comm.all_to_all(X[tok], send_counts)
+        out_recv = np.empty_like(x_recv)
+        with trace.compute(f"{self.trace_name}.experts.forward",
+                           flops=expert_flops(self, len(x_recv))):
+            for e, expert in self.experts.items():
+                out_recv[layout[e]] = expert.forward(frozen(x_recv[layout[e]]), key)
+        # combine: expert outputs travel back, in the order the rows were sent
+        out_sent, _ = self.comm.all_to_all(out_recv, recv_counts)
+        gate_sent = r.gates[tok, cho]
+        y = np.zeros_like(X)
+        with trace.compute(f"{self.trace_name}.combine.forward"):
+            np.add.at(y, tok, gate_sent[:, None] * out_sent)    # a token may get k rows
+        self._save(key, copy={"X": X}, z=z, p=p, routing=r, tok=tok, cho=cho,
+                   gate_sent=gate_sent, out_sent=out_sent, layout=layout,
+                   send_counts=send_counts, recv_counts=recv_counts)
+        return y.reshape(x.shape)
+
+    # ---------------------------------------------------------- backward
+    def backward(self, dy, key=0):
+        s = self._pop(key)
+        X, tok, cho, r = s["X"], s["tok"], s["cho"], s["routing"]
+        dY = dy.reshape(-1, self.h)
+        with trace.compute(f"{self.trace_name}.combine.backward"):
+            dY_sent = dY[tok]
+            dgate_sent = np.einsum("ij,ij->i", dY_sent, s["out_sent"])
+            dout_sent = s["gate_sent"][:, None] * dY_sent
+        # gradient of the combine: travels like the dispatch
+        dout_recv, _ = self.comm.all_to_all(dout_sent, s["send_counts"])
+        dx_recv = np.empty_like(dout_recv)
+        layout = s["layout"]
+        with experts_backward_region(self, key, len(dx_recv)):
+            for e, expert in self.experts.items():
+                dx_recv[layout[e]] = expert.backward(dout_recv[layout[e]], key)
+        # gradient of the dispatch: travels like the combine
+        dx_sent, _ = self.comm.all_to_all(dx_recv, s["recv_counts"])
+        dX = np.zeros_like(X)
+        with trace.compute(f"{self.trace_name}.router.backward",
+                           flops=2 * router_flops(X.shape[0], self.h, self.n_experts)):
+            np.add.at(dX, tok, dx_sent)                 # the experts' input gradients
+            dgates = np.zeros_like(r.gates)
+            dgates[tok, cho] = dgate_sent
+            dprobs = top_k_backward(dgates, s["p"], r.experts, r.gates)
+            dprobs += (self.aux_scale * self.balance_coef) * load_balance_loss(s["p"], r.experts)[1]
+            dz = (self.aux_scale * self.z_coef) * router_z_loss(s["z"], s["p"])[1]
+            dz += F.softmax_backward(dprobs, s["p"])
+            dXr, dW, _ = F.linear_backward(dz, X, self.router.params["W"])
+            dX += dXr
+        # the router is replicated: sum its gradient over the group
+        self.comm.all_reduce(dW, out=dW)
+        self.router.grads["W"] += dW
+        return dX.reshape(dy.shape)
+
+    def backward_weights(self, key=0) -> None:
+        """My experts' weight gradients left by a deferred backward (zero-bubble);
+        the router's was computed, and summed over the group, by ``backward``."""
+        experts_backward_weights(self, key)
+
+    def flops(self, batch: int, seq: int) -> float:
+        """This rank's work with perfectly balanced routing and no dropping: its
+        experts then process ``k·T`` rows, as many as its own tokens make."""
+        T = batch * seq
+        return router_flops(T, self.h, self.n_experts) + expert_flops(self, self.k * T)
+
+
+# ============================================================ whole models
+def shard_experts(model: Module, comm: Comm) -> Module:
+    """Replace every MoE layer of ``model`` (an :class:`~simpar.nn.moe_gpt.MoEGPT`,
+    same seed on every rank) by its expert-parallel cut over ``comm``, in place.
+
+    The auxiliary losses enter with weight ``1/ep`` (global-loss convention, see
+    the module docstring).  Raises before any communication if ``n_experts`` is not
+    divisible by ``comm.size``."""
+    blocks = [b for b in model.blocks if isinstance(b, MoETransformerBlock)]
+    for b in blocks:
+        check_expert_parallel(b.moe.n_experts, comm.size)
+    for b in blocks:
+        b.replace_moe(ExpertParallelMoE.from_reference(b.moe, comm))
+    return model
+
+
+def _expert_parallel_prefixes(model: Module) -> list[str]:
+    return [name + "." for name, m in model.named_modules() if isinstance(m, ExpertParallelMoE)]
+
+
+def sync_replicated_grads(model: Module, comm: Comm) -> None:
+    """Sum over ``comm`` the gradient of every parameter outside the
+    expert-parallel layers (they are replicated on every rank), in one all-reduce
+    of one flat bucket.  (Experts are not replicated; the routers were summed in
+    the layers' backward.)"""
+    skip = _expert_parallel_prefixes(model)
+    grads = [g for name, g in model.gradients().items()
+             if not any(name.startswith(p) for p in skip)]
+    if not grads:
+        return
+    bucket = np.concatenate([g.ravel() for g in grads])
+    comm.all_reduce(bucket, out=bucket)
+    offset = 0
+    for g in grads:
+        g[...] = bucket[offset:offset + g.size].reshape(g.shape)
+        offset += g.size
+
+
+def expert_parallel_loss(model: Module, idx, targets, comm: Comm, key=0) -> float:
+    """One expert-parallel training step's forward and backward on this rank's
+    batch: gradients of the global loss (mean over the group), replicated
+    gradients summed.  Returns the global loss (cross-entropy + auxiliary),
+    the same on every rank."""
+    local = model.loss(idx, targets, key, dloss=1.0 / comm.size)
+    sync_replicated_grads(model, comm)
+    total = comm.all_reduce(np.array([local]))
+    return float(total[0]) / comm.size
