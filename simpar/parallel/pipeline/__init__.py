@@ -1,0 +1,37 @@
+"""Pipeline parallelism: schedules as data, a validator, stages and an executor.
+
+Read in this order:
+
+* :mod:`.schedules` — ``Action`` (``F``, ``B``, ``I``, ``W``, ``SEND_*``/``RECV_*``),
+  the generators ``naive``, ``gpipe``, ``one_f_one_b``, ``interleaved_one_f_one_b``,
+  ``zero_bubble_h1`` and ``format_schedule`` (the "0F1" grid);
+* :mod:`.validate` — ``validate`` / ``simulate``: deadlock freedom, causality and
+  timing of a schedule without a model;
+* :mod:`.stage` — ``partition`` a GPT into stages, ``PipelineStage``;
+* :mod:`.executor` — ``run_schedule``: one rank dispatching its actions;
+* :mod:`.timeline` — bubbles, per-stage times, critical path, schedule pictures.
+
+A whole step in a few lines (every rank)::
+
+    model = GPT(cfg, seed=0)                        # same weights on every rank
+    sch = one_f_one_b(p=comm.size, m=8)
+    stages = stages_for_rank(model, sch, comm.rank)  # {stage: PipelineStage} of this rank
+    result = run_schedule(comm, sch, stages, inputs, targets)
+"""
+from .executor import ActionRecord, StepResult, run_schedule
+from .schedules import (SCHEDULES, Action, Schedule, format_schedule, gpipe,
+                        interleaved_one_f_one_b, make_schedule, naive, one_f_one_b,
+                        zero_bubble_h1)
+from .stage import PipelineStage, build_stages, partition, stages_for_rank
+from .timeline import critical_path, draw_pipeline, gather_records, stage_times, summarize
+from .validate import ScheduleError, SimResult, simulate, validate
+
+__all__ = [
+    "Action", "Schedule", "SCHEDULES", "make_schedule", "format_schedule",
+    "naive", "gpipe", "one_f_one_b", "interleaved_one_f_one_b", "zero_bubble_h1",
+    "validate", "simulate", "ScheduleError", "SimResult",
+    "partition", "PipelineStage", "build_stages", "stages_for_rank",
+    "run_schedule", "StepResult", "ActionRecord",
+    "gather_records", "summarize", "stage_times", "critical_path", "draw_pipeline",
+]
+
