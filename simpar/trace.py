@@ -91,10 +91,13 @@ class Tracer:
 
     # ------------------------------------------------------------ recording
     def add(self, category: str, name: str, wall_start: float, wall_end: float,
-            sim_start: float, sim_end: float, **kw) -> None:
-        if self.enabled:
-            self.events.append(Event(self.rank, category, name, wall_start, wall_end,
-                                     sim_start, sim_end, **kw))
+            sim_start: float, sim_end: float, **kw) -> Event | None:
+        """Record an event; returns it (or ``None`` when disabled)."""
+        if not self.enabled:
+            return None
+        event = Event(self.rank, category, name, wall_start, wall_end, sim_start, sim_end, **kw)
+        self.events.append(event)
+        return event
 
     @contextmanager
     def compute(self, name: str, flops: float = 0.0, **args) -> Iterator[None]:

@@ -96,6 +96,7 @@ class Comm:
         self.tracer = tracer
         self.name = name
         self.check = check_enabled() if check is None else check
+        self._link_for = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} rank {self.rank}/{self.size}>"
@@ -103,7 +104,10 @@ class Comm:
     @property
     def link(self) -> sim.LinkSpec:
         """The link this group's collectives run over (the slowest it spans)."""
-        return self.tracer.cluster.link(self.world_ranks)
+        cluster = self.tracer.cluster
+        if self._link_for is not cluster:            # computed once per cluster
+            self._link, self._link_for = cluster.link(self.world_ranks), cluster
+        return self._link
 
     # ============================================================ collectives
     def all_reduce(self, x: np.ndarray, op: str = "sum", out: np.ndarray | None = None
@@ -308,16 +312,21 @@ class Comm:
         t = self.tracer
         wall0 = time.perf_counter()
         if self.size > 1:
-            latest = self._raw_arrive(np.array([t.sim_now, float(nbytes)]))
-            start, nbytes = float(latest[0]), int(latest[1])
+            start, most = self._raw_arrive(np.array([t.sim_now, float(nbytes)])).tolist()
+            nbytes = int(most)
+            if start > t.sim_now:
+                t.wait_until(start, "wait " + kind)
         else:
             start = t.sim_now
-        t.wait_until(start, f"wait {kind}")
-        out = run()
+        # bookkeeping before the data moves: Python right after a large
+        # transfer runs with cold caches (~10x slower on this machine)
         end = start + sim.collective_time(kind, nbytes, self.size, self.link)
+        event = t.add("comm", kind, wall0, wall0, start, end, nbytes=nbytes,
+                      group=self.name, args={"size": self.size})
+        out = run()
         t.sim_now = end
-        t.add("comm", kind, wall0, time.perf_counter(), start, end, nbytes=nbytes,
-              group=self.name, args={"size": self.size})
+        if event is not None:
+            event.wall_end = time.perf_counter()
         return out
 
     # ============================================== backend primitives
