@@ -38,10 +38,9 @@ def init(backend: str = "auto") -> str:
     if backend == "auto":
         backend = "mpi" if launcher_size() > 1 else "threads"
     if backend == "mpi":
-        try:
-            import mpi4py  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError("the MPI backend needs mpi4py: pip install 'simpar[mpi]'") from e
+        import importlib.util
+        if importlib.util.find_spec("mpi4py") is None:
+            raise RuntimeError("the MPI backend needs mpi4py: pip install 'simpar[mpi]'")
     return backend
 
 

@@ -94,7 +94,7 @@ class Mesh:
         self.world = comm
         self.config = config
         c = self.coords = config.coords(comm.rank)
-        dp, tp, pp, ep = config.dp, config.tp, config.pp, config.ep
+        dp, tp, ep = config.dp, config.tp, config.ep
         self.tp = comm.split(c.pp * dp + c.dp, c.tp, name="tp")
         self.dp = comm.split(c.pp * tp + c.tp, c.dp, name="dp")
         self.pp = comm.split(c.dp * tp + c.tp, c.pp, name="pp")

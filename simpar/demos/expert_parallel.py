@@ -17,12 +17,12 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
 from .. import sim, trace, viz
+from .common import demo_parser, process_rank
 import matplotlib.pyplot as plt  # noqa: E402  (after viz, which picks the backend)
 from matplotlib.patches import Patch  # noqa: E402
 from ..comm import Comm, run
@@ -206,24 +206,15 @@ def load_figure(runs: dict, layer: int = 0):
 
 # ------------------------------------------------------------------ main
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m simpar.demos.expert_parallel",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world-size", type=int, default=None,
-                    help="devices in the threads world (default 4; under mpiexec: -n)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "threads", "mpi"])
-    ap.add_argument("--cluster", default="a100", choices=sorted(sim.PRESETS),
-                    help="simulated cluster for the simulated clock (default a100)")
+    ap = demo_parser("python -m simpar.demos.expert_parallel", __doc__)
     ap.add_argument("--steps", type=int, default=150, help="training steps per run (default 150)")
-    ap.add_argument("--out", default="figures", help="folder for figures (default ./figures)")
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error(f"--steps must be at least 2, got {args.steps}")
     cluster = sim.preset(args.cluster)
     results = run(lambda comm: main_rank(comm, args.steps), args.world_size, args.backend,
                   cluster)
-    from .overview import trace_rank
-    if trace_rank() != 0:
+    if process_rank() != 0:
         return
     me, n = results[0], len(results)
     print(f"expert-parallel demo: {n} devices, backend {me['backend']}, "

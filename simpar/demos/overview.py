@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
@@ -23,6 +22,7 @@ from ..comm import Comm, run
 from ..comm.mesh import ParallelConfig
 from ..data import CharTokenizer, get_batch, load_corpus
 from ..nn import GPT, GPTConfig
+from .common import demo_parser, process_rank
 
 
 def demo_config(world_size: int) -> ParallelConfig:
@@ -88,19 +88,11 @@ def main_rank(comm: Comm, out_dir: str = "figures") -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="simpar demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world-size", type=int, default=None,
-                    help="devices in the threads world (default 4; under mpiexec: -n)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "threads", "mpi"])
-    ap.add_argument("--cluster", default="a100", choices=sorted(sim.PRESETS),
-                    help="simulated cluster for the simulated clock (default a100)")
-    ap.add_argument("--out", default="figures", help="folder for figures (default ./figures)")
-    args = ap.parse_args(argv)
+    args = demo_parser("simpar demo", __doc__).parse_args(argv)
     cluster = sim.preset(args.cluster)
     results = run(main_rank, args.world_size, args.backend, cluster)
     me = results[0]
-    if trace_rank() != 0:
+    if process_rank() != 0:
         return
     n = len(results)
     print(f"simpar demo: {n} devices, backend {me['backend']}, simulated cluster: {cluster.name}\n")
@@ -120,15 +112,6 @@ def main(argv=None) -> None:
     trace.to_chrome(me["events"], js)
     print(f"\n3. wrote {png} (timeline, wall and simulated clocks)\n"
           f"   wrote {js} (open in https://ui.perfetto.dev or chrome://tracing)")
-
-
-def trace_rank() -> int:
-    """This process's rank in an MPI job (0 without one)."""
-    from ..comm import init
-    if init() == "mpi":
-        from mpi4py import MPI
-        return MPI.COMM_WORLD.Get_rank()
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ formulas exactly (free links, the default cluster here).
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
 from .. import sim, viz
+from .common import demo_parser, process_rank
 from ..comm import Comm, run
 from ..data import CharTokenizer, get_batch, load_corpus
 from ..nn import GPT, GPTConfig
@@ -228,24 +228,16 @@ def timeline_figure(recs, p: int):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m simpar.demos.pipeline_parallel",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world-size", type=int, default=None,
-                    help="pipeline ranks in the threads world (default 4; under mpiexec: -n)")
+    ap = demo_parser("python -m simpar.demos.pipeline_parallel", __doc__, cluster="ideal",
+                     cluster_help="simulated cluster (ideal: free links, so bubbles equal "
+                                  "the formulas)")
     ap.add_argument("--micro-batches", type=int, default=8, help="m (default 8)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "threads", "mpi"])
-    ap.add_argument("--cluster", default="ideal", choices=sorted(sim.PRESETS),
-                    help="simulated cluster (default ideal: free links, so bubbles equal "
-                         "the formulas)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the bubble sweep over m, v")
-    ap.add_argument("--out", default="figures", help="folder for figures (default ./figures)")
     args = ap.parse_args(argv)
     cluster = sim.preset(args.cluster)
     results = run(lambda c: main_rank(c, args.micro_batches, not args.no_sweep),
                   args.world_size, args.backend, cluster)
-    from .overview import trace_rank
-    if trace_rank() != 0:
+    if process_rank() != 0:
         return
     me, p = results[0], len(results)
     print(f"pipeline parallelism: {p} ranks, backend {me['backend']}, simulated cluster: "

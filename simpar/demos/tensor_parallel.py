@@ -17,13 +17,13 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 from contextlib import contextmanager
 
 import numpy as np
 
 from .. import sim, trace, viz
+from .common import demo_parser, process_rank
 from ..comm import Comm, run
 from ..data import CharTokenizer, get_batch, load_corpus
 from ..nn import GPT, MLP, GPTConfig, TransformerBlock
@@ -217,19 +217,10 @@ def print_table(errors: dict) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m simpar.demos.tensor_parallel",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world-size", type=int, default=None,
-                    help="devices in the threads world (default 4; under mpiexec: -n)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "threads", "mpi"])
-    ap.add_argument("--cluster", default="a100", choices=sorted(sim.PRESETS),
-                    help="simulated cluster for the simulated clock (default a100)")
-    ap.add_argument("--out", default="figures", help="folder for figures (default ./figures)")
+    ap = demo_parser("python -m simpar.demos.tensor_parallel", __doc__)
     args = ap.parse_args(argv)
     results = run(main_rank, args.world_size, args.backend, sim.preset(args.cluster))
-    from .overview import trace_rank
-    if trace_rank() != 0:
+    if process_rank() != 0:
         return
     n, me = len(results), results[0]
     errors = {c: {g: max(r["errors"][c][g] for r in results) for g, _ in GROUPS}

@@ -338,7 +338,7 @@ class MoE(Module):
         check_input(x, self.h)
         X = x.reshape(-1, self.h)
         z, p, routes = self._route_groups(X, key)
-        T, Tg = X.shape[0], X.shape[0] // self.groups
+        Tg = X.shape[0] // self.groups
         experts = np.concatenate([r.experts for r in routes])
         gates = np.concatenate([r.gates for r in routes])
         # the rows each expert processes: its kept assignments, group by group

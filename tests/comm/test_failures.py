@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import simpar
 from simpar import launch
 from simpar.comm import WorldAborted, init, run
 from simpar.comm.mesh import Mesh, ParallelConfig

@@ -31,7 +31,7 @@ def schedules(draw, names=NAMES):
 @given(sch=schedules())
 def test_every_schedule_is_valid(sch):
     res = validate(sch)
-    p, m, v = sch.p, sch.m, sch.v
+    p, m = sch.p, sch.m
     # every (micro-batch, stage) forward and backward once; messages = stage hops
     hops = sum(1 for s in range(sch.n_stages - 1) if sch.rank_of(s) != sch.rank_of(s + 1))
     assert res.messages == 2 * m * hops
