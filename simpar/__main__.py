@@ -1,8 +1,9 @@
 """The ``simpar`` command line.
 
-    python -m simpar demo [--world-size N] [--cluster a100|h100|this-machine]
-    python -m simpar train [--steps N]          # reference single-device training
-    mpiexec -n 4 python -m simpar demo
+    python -m simpar demo [--world-size N] [--cluster a100|h100|ideal|this-machine]
+    python -m simpar tensor | pipeline | expert   # one demo per paradigm
+    python -m simpar train [--steps N]            # reference single-device training
+    mpiexec -n 4 python -m simpar demo            # any demo, one process per device
 """
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import sys
 
 COMMANDS = {
     "demo": ("simpar.demos.overview", "mesh, reference step across devices, collectives, timeline"),
+    "tensor": ("simpar.demos.tensor_parallel", "tensor + sequence parallelism vs the reference"),
+    "pipeline": ("simpar.demos.pipeline_parallel", "pipeline schedules, bubbles, equivalence"),
+    "expert": ("simpar.demos.expert_parallel", "Mixture-of-Experts routing and all-to-all"),
     "train": ("simpar.train", "train the reference GPT on the shipped corpus (one device)"),
 }
 
@@ -19,7 +23,7 @@ def main(argv=None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         for name, (_, text) in COMMANDS.items():
-            print(f"  {name:<6} {text}")
+            print(f"  {name:<9} {text}")
         if argv and argv[0] not in ("-h", "--help"):
             sys.exit(f"\nunknown command {argv[0]!r}")
         return

@@ -1,5 +1,10 @@
-"""One runnable demo per paradigm: ``python -m simpar.demos.<name>``.
+"""One runnable demo per paradigm: ``python -m simpar.demos.<name>`` (or
+``python -m simpar <command>``), each also under ``mpiexec -n 4``.
 
 * :mod:`.overview` — the main demo (``python -m simpar demo``): mesh, a
-  reference step checked across devices, a collective benchmark, timelines.
+  reference step checked across devices, a collective benchmark, timelines;
+* :mod:`.tensor_parallel` — Megatron-LM tensor and sequence parallelism;
+* :mod:`.pipeline_parallel` — schedules, bubbles and the executor;
+* :mod:`.expert_parallel` — Mixture-of-Experts routing, all-to-all, load balance;
+* :mod:`.common` — the options every demo shares.
 """
