@@ -184,3 +184,20 @@ def test_column_then_row_shapes(t, b, s, n_in, k_out, sp, seed):
         for got, ref in ((g1, l1), (g2, l2)):
             for k, g in ref.gradients().items():
                 assert_close(got[k], g, k)
+
+
+def test_bad_targets_rejected_before_any_message():
+    """Targets are checked on every rank before the forward pass communicates
+    (and nothing is left saved)."""
+    gpt = GPT(GPTConfig(10, 8, 1, n_head=4, d_model=8))
+    idx = np.zeros((2, 8), dtype=np.int64)
+    for sp in (False, True):
+        for bad, text in ((np.full((2, 8), 12), "[0, 10)"), (np.zeros((2, 7), np.int64), "14")):
+            def build(tp, bad=bad):
+                par = ParallelGPT.from_reference(gpt, tp, sp)
+                try:
+                    par.loss(idx, bad)
+                finally:
+                    assert par.saved_keys() == []
+            msg = _rejects(build, 2)
+            assert text in msg, msg

@@ -277,9 +277,19 @@ class ParallelGPT(TensorParallelModule):
         self.embed_backward(dx, key)
         self._grads_pending |= self.sequence_parallel
 
+    def _check_targets(self, idx, targets) -> np.ndarray:
+        """Targets are checked on every rank *before* the forward communicates."""
+        targets = np.asarray(targets)
+        if targets.size != np.size(idx):
+            raise ValueError(f"{targets.size} targets for {np.size(idx)} tokens "
+                             f"(idx shape {np.shape(idx)}, targets shape {targets.shape})")
+        check_ids(targets, self.config.vocab_size)
+        return targets
+
     def loss(self, idx, targets, key=0) -> float:
         """Forward, vocab-parallel cross-entropy (mean over all tokens), backward.
         Gradients accumulate; under SP call :meth:`finalize_grads` once per step."""
+        targets = self._check_targets(idx, targets)
         logits = self.forward(idx, key)
         loss, cache = vocab_parallel_cross_entropy(logits, targets, self.config.vocab_size,
                                                    self.tp)
@@ -290,6 +300,7 @@ class ParallelGPT(TensorParallelModule):
     def eval_loss(self, idx, targets) -> float:
         """Mean cross-entropy without backward (nothing is left saved)."""
         key = ("eval", id(self))
+        targets = self._check_targets(idx, targets)
         try:
             logits = self.forward(idx, key)
             return vocab_parallel_cross_entropy(logits, targets, self.config.vocab_size,
