@@ -5,9 +5,12 @@ returns the per-rank results.  NumPy releases the GIL inside BLAS, so the
 ranks really compute in parallel.
 
 A collective is an *exchange*: each rank puts its array in its slot, waits at
-a barrier, reads every slot, and waits again so the slots can be reused.
+a barrier, reads every slot, and waits again so the slots — and the callers'
+input arrays, which the slots reference — can be reused.
 Reductions add the slots in rank order, so every rank gets bit-identical
-results.  Messages go through mailboxes keyed by ``(src, dst, tag)``.
+results.  Messages go through mailboxes keyed by ``(src, dst, tag)``; as in
+MPI, receives are matched to messages in the order they were *posted*
+(``irecv``), not the order they are waited for.
 
 If any rank raises, the world is aborted: every barrier is broken and every
 mailbox waiter woken, so the other ranks raise :class:`WorldAborted` instead
@@ -15,10 +18,11 @@ of hanging, and ``launch`` re-raises the first real error, naming its rank.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from typing import Any, Callable
 
 import numpy as np
@@ -36,7 +40,10 @@ class _World:
         self.lock = threading.Condition()
         self.aborted = False
         self.barriers: list[threading.Barrier] = []
-        self.mailboxes: dict[tuple, deque] = defaultdict(deque)
+        # channel -> messages by send number; channel -> receives posted so far
+        self.mailboxes: dict[tuple, dict[int, np.ndarray]] = defaultdict(dict)
+        self.sent: dict[tuple, int] = defaultdict(int)
+        self.posted: dict[tuple, int] = defaultdict(int)
 
     def new_barrier(self, n: int) -> threading.Barrier:
         b = threading.Barrier(n)
@@ -75,8 +82,10 @@ class _Group:
         self.wait()
         return list(self.slots)
 
-    def exchange(self, rank: int, obj: Any) -> list:
-        out = self.exchange_begin(rank, obj)
+    def exchange(self, rank: int, obj: Any, read: Callable[[list], Any] = list) -> Any:
+        """Publish ``obj``; return ``read(everyone's objs)``, computed before any
+        rank may leave (and overwrite its input in place)."""
+        out = read(self.exchange_begin(rank, obj))
         self.wait()
         return out
 
@@ -105,63 +114,74 @@ class ThreadComm(Comm):
         return out
 
     def _raw_all_gather(self, x):
-        return np.stack(self._group.exchange(self.rank, x))
+        return self._group.exchange(self.rank, x, np.stack)
 
     def _raw_reduce_scatter(self, x):
         n = x.shape[0] // self.size
         lo = self.rank * n
-        parts = self._group.exchange(self.rank, x)
-        out = parts[0][lo:lo + n].copy()
-        for p in parts[1:]:
-            out += p[lo:lo + n]
-        return out
+
+        def read(parts):
+            out = parts[0][lo:lo + n].copy()
+            for p in parts[1:]:
+                out += p[lo:lo + n]
+            return out
+        return self._group.exchange(self.rank, x, read)
 
     def _raw_broadcast(self, x, root):
-        return self._group.exchange(self.rank, x)[root].copy()
+        return self._group.exchange(self.rank, x, lambda parts: parts[root].copy())
 
     def _raw_barrier(self):
         self._group.wait()
 
     def _raw_all_to_all_counts(self, counts):
-        table = self._group.exchange(self.rank, counts)
-        return np.array([row[self.rank] for row in table], dtype=np.int64)
+        return self._group.exchange(
+            self.rank, counts,
+            lambda table: np.array([row[self.rank] for row in table], dtype=np.int64))
 
     def _raw_all_to_all(self, x, send_counts, recv_counts):
-        parts = self._group.exchange(self.rank, (x, send_counts))
-        pieces = []
-        for xs, cs in parts:
-            lo = int(cs[:self.rank].sum())
-            pieces.append(xs[lo:lo + int(cs[self.rank])])
-        return np.concatenate(pieces, axis=0) if pieces else x[:0].copy()
+        def read(parts):
+            pieces = []
+            for xs, cs in parts:
+                lo = int(cs[:self.rank].sum())
+                pieces.append(xs[lo:lo + int(cs[self.rank])])
+            return np.concatenate(pieces, axis=0) if pieces else x[:0].copy()
+        return self._group.exchange(self.rank, (x, send_counts), read)
 
     # ------------------------------------------------------- point-to-point
-    def _box(self, src: int, dst: int, tag: int, meta: bool) -> deque:
-        return self._world.mailboxes[(self._mail_id, src, dst, tag, meta)]
+    def _channel(self, src: int, dst: int, tag: int, meta: bool) -> tuple:
+        return (self._mail_id, src, dst, tag, meta)
 
     def _raw_isend(self, x, dst, tag, meta):
         w = self._world
+        ch = self._channel(self.rank, dst, tag, meta)
         with w.lock:
             if w.aborted:
                 raise WorldAborted("another rank failed; this rank was released")
-            self._box(self.rank, dst, tag, meta).append(x.copy())   # buffered (eager) send
+            w.mailboxes[ch][w.sent[ch]] = x.copy()      # buffered (eager) send
+            w.sent[ch] += 1
             w.lock.notify_all()
         return None
 
     def _raw_irecv(self, buf, src, tag, meta):
-        return (buf, src, tag, meta)
+        w = self._world
+        ch = self._channel(src, self.rank, tag, meta)
+        with w.lock:                                    # the ticket fixes the match, as MPI does
+            ticket = w.posted[ch]
+            w.posted[ch] += 1
+        return (buf, src, ch, ticket, meta)
 
     def _raw_wait(self, handle):
         if handle is None:                      # sends complete at once
             return
-        buf, src, tag, meta = handle
+        buf, src, ch, ticket, meta = handle
         w = self._world
-        box = self._box(src, self.rank, tag, meta)
+        box = w.mailboxes[ch]
         with w.lock:
-            while not box and not w.aborted:
+            while ticket not in box and not w.aborted:
                 w.lock.wait()
-            if w.aborted and not box:
+            if ticket not in box:
                 raise WorldAborted("another rank failed; this rank was released")
-            msg = box.popleft()
+            msg = box.pop(ticket)
         if msg.shape != buf.shape or msg.dtype != buf.dtype:
             if meta:
                 raise ValueError(f"corrupt envelope from rank {src}")
@@ -179,7 +199,8 @@ class ThreadComm(Comm):
         return ThreadComm(group, new_rank, world_ranks, self.tracer, name, self.check)
 
     def _raw_gather_objects(self, obj):
-        return self._group.exchange(self.rank, obj)
+        # copies, as MPI's pickling gives: the owners may go on changing theirs
+        return self._group.exchange(self.rank, obj, copy.deepcopy)
 
 
 def launch(fn: Callable[[Comm], Any], world_size: int = 4,

@@ -111,6 +111,15 @@ def check_send_recv(comm):
         a = comm.recv((3,), np.float64, 0, tag=1)
         np.testing.assert_array_equal(a, np.arange(3.0))
         np.testing.assert_array_equal(b, np.arange(5.0))
+    # receives match messages in the order they were posted, not waited for (MPI rule)
+    if comm.rank == 0:
+        comm.send(np.full(2, 1.0), 1, tag=4)
+        comm.send(np.full(2, 2.0), 1, tag=4)
+    elif comm.rank == 1:
+        first = comm.irecv((2,), np.float64, 0, tag=4)
+        second = comm.irecv((2,), np.float64, 0, tag=4)
+        np.testing.assert_array_equal(second.wait(), [2.0, 2.0])
+        np.testing.assert_array_equal(first.wait(), [1.0, 1.0])
     # a received array is fresh: writing to the sent array afterwards changes nothing
     if comm.rank == 0:
         x = np.ones(4)
@@ -172,9 +181,12 @@ def check_barrier_and_clock(comm):
     comm.reduce_scatter(np.zeros((p * 8, 16)))
     t3 = t2 + sim.collective_time("reduce_scatter", p * n, p, link)
     assert t.sim_now == t3
+    assert t3 == t2 + ((p - 1) * link.alpha + p * n * (p - 1) / p * link.beta if p > 1 else 0)
     y, _ = comm.all_to_all(np.zeros((p * (comm.rank + 1), 16)), [comm.rank + 1] * p)
     t4 = t3 + sim.collective_time("all_to_all", p * p * 16 * 8, p, link)   # largest holder
     assert t.sim_now == t4, (t.sim_now, t4)
+    n_max = p * p * 16 * 8
+    assert t4 == t3 + ((p - 1) * link.alpha + n_max * (p - 1) / p * link.beta if p > 1 else 0)
     ev = t.events[-1]
     assert (ev.name, ev.sim_start, ev.sim_end) == ("all_to_all", t3, t4)
     if p > 1:
