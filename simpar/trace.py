@@ -149,6 +149,18 @@ def activate(tracer: Tracer | None) -> None:
     _local.tracer = tracer
 
 
+@contextmanager
+def untraced() -> Iterator[None]:
+    """Run a block with no active tracer (e.g. a reference computation that is
+    not part of the simulated device's timeline or memory ledger)."""
+    t = current()
+    activate(None)
+    try:
+        yield
+    finally:
+        activate(t)
+
+
 def compute(name: str, flops: float = 0.0, **args):
     """Context manager recording a compute region on the current tracer, if any."""
     t = current()

@@ -106,9 +106,8 @@ output, loss and gradients."""),
     ref.init_random_(rng, std=0.5)
     x = rng.standard_normal((ep * b, 8, 8))               # the union of all batches
     dy = rng.standard_normal(x.shape)
-    trace.activate(None)                                  # the reference is not traced
-    y_ref = ref.forward(x); dx_ref = ref.backward(dy)
-    trace.activate(comm.tracer)
+    with trace.untraced():                                # the reference is not traced
+        y_ref = ref.forward(x); dx_ref = ref.backward(dy)
 
     layer = ExpertParallelMoE.from_reference(ref, comm)    # router + my 2 experts
     mine = slice(comm.rank * b, (comm.rank + 1) * b)

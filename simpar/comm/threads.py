@@ -175,8 +175,8 @@ class ThreadComm(Comm):
             return
         buf, src, ch, ticket, meta = handle
         w = self._world
-        box = w.mailboxes[ch]
-        with w.lock:
+        with w.lock:                # mailboxes are only touched under the lock
+            box = w.mailboxes[ch]
             while ticket not in box and not w.aborted:
                 w.lock.wait()
             if ticket not in box:

@@ -42,12 +42,8 @@ def _max_rel(got, want) -> float:
 
 
 def _untraced(fn):
-    tracer = trace.current()
-    trace.activate(None)
-    try:
+    with trace.untraced():
         return fn()
-    finally:
-        trace.activate(tracer)
 
 
 # ------------------------------------------------------------ 1. equivalence

@@ -22,6 +22,7 @@ from ..comm import Comm, run
 from ..comm.mesh import ParallelConfig
 from ..data import CharTokenizer, get_batch, load_corpus
 from ..nn import GPT, GPTConfig
+from ..parallel.data import all_reduce_coalesced
 from .common import demo_parser, process_rank
 
 
@@ -39,25 +40,19 @@ def reference_step(comm: Comm, seq_len: int = 64, per_rank: int = 2) -> float:
     ids = tok.encode(text)
     cfg = GPTConfig(tok.vocab_size, seq_len, n_layer=2, n_head=4, d_model=128)
     x, y = get_batch(ids, per_rank * comm.size, seq_len, np.random.default_rng(0))
-    # the single-device reference on the whole batch (not traced)
-    tracer = trace.current()
-    trace.activate(None)
-    ref = GPT(cfg, seed=0)
-    ref.loss(x, y)
-    trace.activate(tracer)
+    with trace.untraced():                           # the single-device reference
+        ref = GPT(cfg, seed=0)
+        ref.loss(x, y)
 
     model = GPT(cfg, seed=0)                         # same seed: same weights everywhere
     mine = slice(comm.rank * per_rank, (comm.rank + 1) * per_rank)
     model.loss(x[mine], y[mine])                     # mean over my tokens
     # average the gradients over equal shards: one all-reduce of one flat bucket
     grads = model.gradients()
-    bucket = np.concatenate([g.ravel() for g in grads.values()])
-    comm.all_reduce(bucket, out=bucket)
-    bucket /= comm.size
-    errs, offset = [], 0
+    all_reduce_coalesced(list(grads.values()), comm)
+    errs = []
     for name, g in ref.gradients().items():
-        mine_g = bucket[offset:offset + g.size].reshape(g.shape)
-        offset += g.size
+        mine_g = grads[name] / comm.size
         errs.append(float(np.abs(mine_g - g).max() / (np.abs(g).max() + 1e-300)))
     return max(errs)
 

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -36,16 +35,6 @@ from ..parallel.tensor.mappings import split_along
 # the demo model: divisible by 1, 2, 3, 4 and 6 devices (hidden, heads, sequence)
 SEQ, BATCH, D_MODEL, N_HEAD, N_LAYER = 24, 4, 96, 12, 2
 
-
-@contextmanager
-def untraced():
-    """Reference computations: keep them off this rank's timeline and ledger."""
-    t = trace.current()
-    trace.activate(None)
-    try:
-        yield
-    finally:
-        trace.activate(t)
 
 
 def rel_err(got, want) -> float:
@@ -65,7 +54,7 @@ def equivalence(comm: Comm) -> tuple[dict, list]:
     tok = CharTokenizer(text)
     cfg = GPTConfig(tok.vocab_size, SEQ, N_LAYER, N_HEAD, D_MODEL)
     idx, tgt = get_batch(tok.encode(text), BATCH, SEQ, np.random.default_rng(0))
-    with untraced():
+    with trace.untraced():
         ref = GPT(cfg, seed=0)
         logits_ref = ref.forward(idx)
         ref.clear_saved()
@@ -118,7 +107,7 @@ def measure(comm: Comm) -> list[dict]:
     activation bytes saved, for a block (tp, tp+sp) and an MLP (Megatron, naive)."""
     rows = []
     rng = np.random.default_rng(7)
-    with untraced():
+    with trace.untraced():
         block = TransformerBlock(D_MODEL, N_HEAD, rng=rng)
         mlp = MLP(D_MODEL, rng=rng)
     x = rng.standard_normal((BATCH, SEQ, D_MODEL))

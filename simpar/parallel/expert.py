@@ -63,6 +63,7 @@ from ..nn.moe import (MoE, MoEStats, check_input, check_moe_config, expert_capac
                       expert_flops, experts_backward_region, experts_backward_weights,
                       load_balance_loss, route, router_flops, router_z_loss, top_k_backward)
 from ..nn.moe_gpt import MoETransformerBlock
+from .data import all_reduce_coalesced
 
 __all__ = ["ExpertParallelMoE", "check_expert_parallel", "shard_experts",
            "sync_replicated_grads", "expert_parallel_loss"]
@@ -250,14 +251,7 @@ def sync_replicated_grads(model: Module, comm: Comm) -> None:
     skip = _expert_parallel_prefixes(model)
     grads = [g for name, g in model.gradients().items()
              if not any(name.startswith(p) for p in skip)]
-    if not grads:
-        return
-    bucket = np.concatenate([g.ravel() for g in grads])
-    comm.all_reduce(bucket, out=bucket)
-    offset = 0
-    for g in grads:
-        g[...] = bucket[offset:offset + g.size].reshape(g.shape)
-        offset += g.size
+    all_reduce_coalesced(grads, comm)
 
 
 def expert_parallel_loss(model: Module, idx, targets, comm: Comm, key=0) -> float:

@@ -9,7 +9,6 @@ gradient gathered back to full shape (float64, max relative error <= 1e-10).
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -27,16 +26,6 @@ from tests.util import assert_close
 # shapes divisible by 1, 2, 3 and 4 (hidden, heads, d_ff, sequence)
 B, S, H, N_HEAD, D_FF = 2, 12, 24, 12, 48
 
-
-@contextmanager
-def untraced():
-    """Run reference computations without touching this rank's tracer or ledger."""
-    t = trace.current()
-    trace.activate(None)
-    try:
-        yield
-    finally:
-        trace.activate(t)
 
 
 def rand(seed: int, *shape) -> np.ndarray:
@@ -59,7 +48,7 @@ def to_full(x, layout, tp):
 def compare_module(ref, par, x, dy, tp, what, inp="rep", out="rep"):
     """Forward, input gradient and every parameter gradient of ``par`` (run on
     shards) against ``ref`` (run on the whole tensors)."""
-    with untraced():
+    with trace.untraced():
         y_ref = ref.forward(x)
         dx_ref = ref.backward(dy)
     y = par.forward(to_local(x, inp, tp))
@@ -142,7 +131,7 @@ def _embedding_and_loss(tp, vocab, sp) -> None:
     head = Linear(H, vocab, bias=False, rng=rng).init_random_(rng)
     idx = rng.integers(0, vocab, (B, S))
     tgt = rng.integers(0, vocab, (B, S))
-    with untraced():
+    with trace.untraced():
         logits_ref = head.forward(emb.forward(idx))
         loss_ref, cache = F.cross_entropy(logits_ref, tgt)
         emb.backward(head.backward(F.cross_entropy_backward(cache)))
@@ -167,7 +156,7 @@ def gpt_config(vocab=24, tie=False) -> GPTConfig:
 
 
 def reference_gpt(cfg: GPTConfig):
-    with untraced():
+    with trace.untraced():
         gpt = GPT(cfg, seed=0).init_random_(np.random.default_rng(1), std=0.3)
         rng = np.random.default_rng(2)
         idx = rng.integers(0, cfg.vocab_size, (B, S))

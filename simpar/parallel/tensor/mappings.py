@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...comm import Comm
+from ..data import all_reduce_coalesced
 
 HIDDEN = -1     # the axis split by tensor parallelism
 SEQ = 1         # the axis split by sequence parallelism
@@ -127,11 +128,4 @@ def allreduce_sequence_parallel_grads(grads: list[np.ndarray], tp: Comm) -> None
     backward (Megatron-LM does the same when it finalises gradients): a second call
     would add the already-summed gradients again.
     """
-    if not grads:
-        return
-    bucket = np.concatenate([g.ravel() for g in grads])
-    tp.all_reduce(bucket, out=bucket)
-    offset = 0
-    for g in grads:
-        g[...] = bucket[offset:offset + g.size].reshape(g.shape)
-        offset += g.size
+    all_reduce_coalesced(grads, tp)
