@@ -22,7 +22,7 @@ import json
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from . import sim
@@ -208,6 +208,3 @@ def to_chrome(events: list[Event], path: str | None = None) -> dict:
             json.dump(doc, f)
     return doc
 
-
-def events_to_dicts(events: list[Event]) -> list[dict]:
-    return [asdict(e) for e in events]
