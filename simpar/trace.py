@@ -88,6 +88,7 @@ class Tracer:
         self.events: list[Event] = []
         self.memory = MemoryLedger()
         self.sim_now = 0.0
+        self.comm_stream_free = 0.0     # when this rank's non-blocking collectives end
 
     # ------------------------------------------------------------ recording
     def add(self, category: str, name: str, wall_start: float, wall_end: float,
@@ -125,6 +126,7 @@ class Tracer:
         """Forget events, restart the simulated clock; the ledger is kept."""
         self.events.clear()
         self.sim_now = 0.0
+        self.comm_stream_free = 0.0
 
     # --------------------------------------------------------------- queries
     def select(self, category: str | None = None, name: str | None = None,

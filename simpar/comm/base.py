@@ -117,6 +117,45 @@ class Comm:
         The result goes to a fresh array, or into ``out`` (a C-contiguous array
         of the same shape and dtype; ``out=x`` reduces in place, as a gradient
         all-reduce does)."""
+        x, out = self._reduce_args(x, op, out)
+        return self._collective("all_reduce", x.nbytes, lambda: self._raw_all_reduce(x, op, out))
+
+    def iall_reduce(self, x: np.ndarray, op: str = "sum", out: np.ndarray | None = None
+                    ) -> Request:
+        """Non-blocking :meth:`all_reduce`; ``.wait()`` returns the result.
+
+        On the **simulated clock** the reduction runs on this rank's
+        communication stream, beside compute: it starts at the latest member's
+        launch time (or when the stream's previous operation ends) and lasts its
+        α-β cost, while the caller's clock goes on; ``wait()`` idles until it
+        ends, if it has not ended yet.  That is how data parallelism hides its
+        all-reduces behind the backward pass (DESIGN.md §5).  The bytes move
+        now, at launch (MPICH progresses non-blocking collectives only inside
+        ``Test``; measured 10-20x slower when ranks outnumber cores), so on the
+        wall clock the overlap is not real on this machine."""
+        x, out = self._reduce_args(x, op, out)
+        t = self.tracer
+        wall0 = time.perf_counter()
+        launch = max(t.sim_now, t.comm_stream_free)
+        start, nbytes = launch, x.nbytes
+        if self.size > 1:
+            start, most = self._raw_arrive(np.array([launch, float(nbytes)])).tolist()
+            nbytes = int(most)
+        end = start + sim.collective_time("all_reduce", nbytes, self.size, self.link)
+        t.comm_stream_free = end
+        event = t.add("comm", "all_reduce", wall0, wall0, start, end, nbytes=nbytes,
+                      group=self.name, args={"size": self.size, "async": True})
+        self._raw_all_reduce(x, op, out)
+        if event is not None:
+            event.wall_end = time.perf_counter()
+
+        def finish():
+            t.wait_until(end, "wait all_reduce")
+            return out
+        return Request(finish)
+
+    def _reduce_args(self, x: np.ndarray, op: str, out: np.ndarray | None):
+        """Checks of an all-reduce's arguments (and the cross-rank agreement)."""
         _check_op(op)
         x = as_message(x)
         if out is None:
@@ -127,7 +166,7 @@ class Comm:
                              f"{x.shape}, got {getattr(out, 'dtype', type(out))} "
                              f"{getattr(out, 'shape', '')}")
         self._agree("all_reduce", x, extra=REDUCE_OPS.index(op))
-        return self._collective("all_reduce", x.nbytes, lambda: self._raw_all_reduce(x, op, out))
+        return x, out
 
     def all_gather(self, x: np.ndarray, axis: int = 0) -> np.ndarray:
         """Concatenate every rank's ``x`` along ``axis`` (rank order)."""
