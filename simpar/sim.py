@@ -15,7 +15,9 @@ broadcast          ``ceil(log2 p) (alpha + n beta)``     (binomial tree; simpar'
 barrier            ``ceil(log2 p) alpha``                (dissemination; simpar's choice)
 =================  =====================================================
 
-No floating-point sum across ranks enters these times, so the simulated clock
+The formulas live in :mod:`simpar.formulas` (one home for every closed form);
+``sim.collective_time``, ``sim.p2p_time`` and ``sim.compute_time`` are the same
+functions.  No floating-point sum across ranks enters these times, so the simulated clock
 is bit-identical on every backend.
 """
 from __future__ import annotations
@@ -25,6 +27,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+# The alpha-beta costs are defined once, in simpar.formulas; the communicator and
+# the tracer advance the clock through these names.
+from .formulas import collective_time, compute_time, p2p_time  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -132,29 +138,3 @@ def preset(name: str) -> ClusterSpec:
     if name not in PRESETS:
         raise ValueError(f"unknown cluster preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
-
-
-# ---------------------------------------------------------------- cost model
-def p2p_time(nbytes: int, link: LinkSpec) -> float:
-    """One message: ``alpha + n beta``."""
-    return link.alpha + nbytes * link.beta
-
-
-def collective_time(kind: str, nbytes: int, p: int, link: LinkSpec) -> float:
-    """Duration of a collective over ``p`` ranks (table in the module docstring)."""
-    if p <= 1:
-        return 0.0
-    a, b = link.alpha, link.beta
-    if kind == "all_reduce":
-        return 2 * (p - 1) * a + 2 * nbytes * (p - 1) / p * b
-    if kind in ("all_gather", "reduce_scatter", "all_to_all"):
-        return (p - 1) * a + nbytes * (p - 1) / p * b
-    if kind == "broadcast":
-        return math.ceil(math.log2(p)) * (a + nbytes * b)
-    if kind == "barrier":
-        return math.ceil(math.log2(p)) * a
-    raise ValueError(f"no cost model for collective {kind!r}")
-
-
-def compute_time(flops: float, device: DeviceSpec) -> float:
-    return flops / device.flops

@@ -27,6 +27,7 @@ import os
 import numpy as np
 
 from .. import sim, viz
+from ..formulas import bubble_fraction as bubble_formula
 from .common import demo_parser, process_rank
 from ..comm import Comm, run
 from ..data import CharTokenizer, get_batch, load_corpus
@@ -52,25 +53,6 @@ def uniform_config(n_stages: int, k: int = 2, h: int = 8, d_ff: int = 32, seq: i
     cfg = GPTConfig(vocab_size=vocab, seq_len=seq, n_layer=n_stages * k - 1, n_head=n_head,
                     d_model=h, d_ff=d_ff)
     return cfg, [k] * (n_stages - 1) + [k - 1]
-
-
-def bubble_formula(name: str, p: int, m: int, v: int = 1, times: dict | None = None) -> float:
-    """The papers' bubble as a fraction of the step, ``bubble / (ideal + bubble)``:
-    naive ``(p−1)/p``; GPipe, 1F1B ``(p−1)/(m + p − 1)`` (Narayanan et al. 2021
-    §2.2.1); interleaved ``(p−1)/(v·m + p − 1)`` (§2.2.2); ZB-H1 bubble
-    ``(p−1)(T_F + T_B − T_W)`` over ideal ``m(T_F + T_B + T_W)`` (Qi et al. 2023,
-    Table 2; needs the stage times ``times = {"F", "I", "W"}``)."""
-    if name == "naive":
-        return (p - 1) / p
-    if name in ("gpipe", "1f1b"):
-        return (p - 1) / (m + p - 1)
-    if name == "interleaved":
-        return (p - 1) / (v * m + p - 1)
-    if name == "zb-h1":
-        tf, ti, tw = times["F"], times["I"], times["W"]
-        bubble = (p - 1) * (tf + ti - tw)
-        return bubble / (m * (tf + ti + tw) + bubble)
-    raise ValueError(f"no formula for schedule {name!r}")
 
 
 def pipeline_step(comm: Comm, name: str, m: int, v: int, cfg: GPTConfig, sizes, xs, ys,

@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from ..formulas import attention_flops, linear_flops  # noqa: F401  (one definition)
+
 __all__ = [
     "linear_forward", "linear_backward", "linear_backward_input", "linear_backward_weight",
     "gelu", "gelu_backward",
@@ -69,11 +71,6 @@ def linear_backward_weight(dy: np.ndarray, x: np.ndarray):
     """The weight half of :func:`linear_backward`: ``(dW, db) = (xᵀ @ dy, Σ dy)``."""
     dy2 = dy.reshape(-1, dy.shape[-1])
     return x.reshape(-1, x.shape[-1]).T @ dy2, dy2.sum(axis=0)
-
-
-def linear_flops(tokens: int, n_in: int, n_out: int) -> float:
-    """Forward matmul FLOPs of a linear layer: ``2 · tokens · n_in · n_out``."""
-    return 2.0 * tokens * n_in * n_out
 
 
 # ------------------------------------------------------------ blocked loops
@@ -345,12 +342,6 @@ def causal_attention_backward(dy: np.ndarray, cache, out=None):
     return tuple(out)
 
 
-def attention_flops(b: int, s: int, h: int) -> float:
-    """Forward matmul FLOPs of the attention core: ``q kᵀ`` and ``P v``, ``4 b s² h``.
-
-    (The full ``s × s`` products are computed; the causal mask does not halve them.)
-    """
-    return 4.0 * b * s * s * h
 
 
 # ------------------------------------------------------------------- embedding

@@ -1,5 +1,9 @@
 """Closed-form communication volume and activation memory of tensor parallelism.
 
+The papers' formulas live in :mod:`simpar.formulas`; this module keeps the
+simpar-specific counts (the naive MLP's traffic, the exact saved-tensor table)
+and the names the tensor-parallel package has always exported.
+
 The tests check these formulas against what the code really does: bytes from the
 tracer's communication events, activation bytes from the memory ledger.
 
@@ -19,23 +23,20 @@ exactly as much.
 """
 from __future__ import annotations
 
+from ... import formulas
 from ...trace import Event
 
 
 def ring_bytes(event: Event) -> float:
     """Bytes one device sends for a traced collective, in the ring model."""
-    p, n = event.args.get("size", 1), event.nbytes
-    if event.name == "all_reduce":
-        return 2.0 * n * (p - 1) / p
-    if event.name in ("all_gather", "reduce_scatter"):
-        return 1.0 * n * (p - 1) / p
-    raise ValueError(f"no ring model for {event.name!r}")
+    return formulas.ring_elements(event.name, event.nbytes, event.args.get("size", 1))
 
 
 def layer_comm_elements(b: int, s: int, h: int, t: int) -> float:
     """Elements one device sends per transformer layer (forward + backward),
-    with or without sequence parallelism: ``8·b·s·h·(t−1)/t``."""
-    return 8.0 * b * s * h * (t - 1) / t
+    with or without sequence parallelism: ``8·b·s·h·(t−1)/t``
+    (:func:`simpar.formulas.tp_layer_comm_elements`)."""
+    return formulas.tp_layer_comm_elements(b, s, h, t)
 
 
 def mlp_comm_elements(b: int, s: int, h: int, d_ff: int, t: int, naive: bool = False) -> float:
@@ -80,7 +81,4 @@ def korthikanti_activation_bytes(b: int, s: int, h: int, n_head: int, t: int,
     tensor parallel ``sbh(10 + 24/t + 5as/(ht))``; with sequence parallelism
     ``sbh(34 + 5as/h)/t``.
     """
-    a = n_head
-    if sequence_parallel:
-        return s * b * h * (34 + 5 * a * s / h) / t
-    return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+    return formulas.activation_bytes_per_layer(s, b, h, n_head, t, sequence_parallel)
