@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from simpar import testing
+
 EPS = 1e-4        # step of the central differences
 RTOL = 1e-6       # allowed relative error
 
@@ -31,14 +33,9 @@ def numerical_grad(f, arr: np.ndarray, eps: float = EPS) -> np.ndarray:
 
 
 def rel_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
-    """``max |a − n| / max(max |n|, max |a|)``, 0 when both vanish."""
-    a = np.asarray(analytic, dtype=np.float64)
-    n = np.asarray(numeric, dtype=np.float64)
-    assert a.shape == n.shape, (a.shape, n.shape)
-    scale = max(np.max(np.abs(a), initial=0.0), np.max(np.abs(n), initial=0.0))
-    if scale < 1e-12:
-        return 0.0
-    return float(np.max(np.abs(a - n)) / scale)
+    """``max |a − n| / max(max |n|, max |a|)`` (absolute when both are below 1e-12);
+    NaN or inf on either side is ``inf`` (:func:`simpar.testing.rel_error`)."""
+    return testing.rel_error(analytic, numeric, symmetric=True, tiny=1e-12)
 
 
 def assert_grad_close(analytic, numeric, what: str, rtol: float = RTOL) -> None:
