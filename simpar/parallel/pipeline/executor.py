@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ... import trace
 from ...comm import Comm
-from ...nn import functional as Fn
 from .schedules import Action, Schedule
 from .stage import PipelineStage
 from .validate import validate
@@ -63,6 +62,7 @@ class StepResult:
     rank: int
     loss: float | None                       # mean over all tokens (ranks of the last stage)
     mb_losses: dict = field(default_factory=dict)
+    aux_losses: dict = field(default_factory=dict)   # mb -> this rank's MoE auxiliary losses
     records: list[ActionRecord] = field(default_factory=list)
     peak_activation_bytes: int = 0           # above the level at the start of the step
     mb_activation_bytes: int = 0             # held by one micro-batch's first forward
@@ -119,8 +119,9 @@ def check_run_args(comm: Comm, schedule: Schedule, stages: Mapping[int, Pipeline
 
 
 def run_schedule(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineStage],
-                 inputs: Sequence, targets: Sequence, *, clobber_buffers: bool = False
-                 ) -> StepResult:
+                 inputs: Sequence, targets: Sequence, *, clobber_buffers: bool = False,
+                 loss_tokens: int | None = None,
+                 grads_ready: Callable[[list[str]], None] | None = None) -> StepResult:
     """One training step of ``schedule`` on this rank (forward, backward, gradients
     accumulated into the stages' ``grads``; no optimizer step).
 
@@ -131,23 +132,39 @@ def run_schedule(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineSt
     is done, as a reused receive buffer would be — the result must not change,
     because modules save copies (DESIGN.md §2).
 
+    ``loss_tokens``: the token count the loss is the mean over (default: all
+    of this step's tokens; data parallelism passes the global count, so the
+    gradients summed over the dp group are those of the global mean).
+    ``grads_ready(names)`` is called as the gradients of a stage's pieces become
+    final (in the last backward of that stage) — the hook data parallelism uses
+    to launch its bucketed all-reduces early.
+
     Every rank must pass the same schedule and micro-batches (the checks run on
     each rank alone, before any message, so they cannot see another rank's).
     """
     check_run_args(comm, schedule, stages, inputs, targets)
-    ex = _Executor(comm, schedule, stages, inputs, targets, clobber_buffers)
+    ex = _Executor(comm, schedule, stages, inputs, targets, clobber_buffers, loss_tokens,
+                   grads_ready)
     return ex.run()
 
 
 class _Executor:
-    def __init__(self, comm, schedule, stages, inputs, targets, clobber):
+    def __init__(self, comm, schedule, stages, inputs, targets, clobber, loss_tokens=None,
+                 grads_ready=None):
         self.comm, self.sch, self.stages = comm, schedule, stages
         self.inputs = [np.asarray(x) for x in inputs]
         self.targets = [np.asarray(y) for y in targets]
         self.clobber = clobber
-        self.total_tokens = sum(y.size for y in self.targets)
+        self.step_tokens = sum(y.size for y in self.targets)
+        self.total_tokens = self.step_tokens if loss_tokens is None else int(loss_tokens)
         any_stage = next(iter(stages.values()))
-        self.h, self.dtype = any_stage.config.d_model, any_stage.dtype
+        self.dtype = any_stage.dtype
+        self.grads_ready = grads_ready
+        # the action after which a stage's gradients are final: its last B or W
+        self.final_action = {}
+        for i, a in enumerate(schedule.actions[comm.rank]):
+            if a.kind in ("B", "W"):
+                self.final_action[a.stage] = i
         self.ready: dict = {}          # (kind, mb, stage) -> array waiting to be consumed
         self.loss_cache: dict = {}     # mb -> cross-entropy cache (last stage)
         self.sends: list = []
@@ -160,6 +177,7 @@ class _Executor:
         peak = base
         for i, a in enumerate(self.sch.actions[self.comm.rank]):
             n0, s0, w0 = len(tracer.events), tracer.sim_now, time.perf_counter()
+            self.last = self.final_action.get(a.stage) == i
             getattr(self, "do_" + a.kind)(a)
             for e in tracer.events[n0:]:
                 e.args.update(action=a.kind, mb=a.mb, stage=a.stage)
@@ -176,7 +194,7 @@ class _Executor:
         if self.sch.n_stages - 1 in self.stages:
             r = self.result
             r.loss = float(sum(r.mb_losses[mb] * self.targets[mb].size
-                               for mb in range(self.sch.m)) / self.total_tokens)
+                               for mb in range(self.sch.m)) / self.step_tokens)
         return self.result
 
     def _check_done(self) -> None:
@@ -192,8 +210,11 @@ class _Executor:
         x = self.inputs[a.mb] if a.stage == 0 else self.ready.pop(("F", a.mb, a.stage))
         y = st.forward(x, key=a.mb)
         self._clobber(x, a.stage == 0)
+        if st.moe_layers():
+            self.result.aux_losses[a.mb] = self.result.aux_losses.get(a.mb, 0.0) + \
+                st.aux_loss(a.mb)
         if st.is_last:
-            loss, cache = Fn.cross_entropy(y, self.targets[a.mb])
+            loss, cache = st.loss_forward(y, self.targets[a.mb])
             self.result.mb_losses[a.mb] = loss
             self.loss_cache[a.mb] = cache
             trace.alloc("activations", cache[0].nbytes)       # probabilities, until backward
@@ -209,7 +230,7 @@ class _Executor:
             trace.free("activations", cache[0].nbytes)
             # d(mean over all tokens)/d(mean over this micro-batch's tokens)
             share = self.targets[a.mb].size / self.total_tokens
-            return Fn.cross_entropy_backward(cache, share), False
+            return st.loss_backward(cache, share), False
         return self.ready.pop(("B", a.mb, a.stage)), True
 
     def _route_input_grad(self, a: Action, dx) -> None:
@@ -222,7 +243,8 @@ class _Executor:
 
     def do_B(self, a: Action) -> None:
         dy, received = self._output_grad(a)
-        dx = self.stages[a.stage].backward(dy, key=a.mb)
+        ready = self.grads_ready if self.last else None
+        dx = self.stages[a.stage].backward(dy, key=a.mb, grads_ready=ready)
         self._clobber(dy, not received)
         self._route_input_grad(a, dx)
 
@@ -233,7 +255,8 @@ class _Executor:
         self._route_input_grad(a, dx)
 
     def do_W(self, a: Action) -> None:
-        self.stages[a.stage].backward_weights(key=a.mb)
+        ready = self.grads_ready if self.last else None
+        self.stages[a.stage].backward_weights(key=a.mb, grads_ready=ready)
 
     def _clobber(self, buf, skip: bool) -> None:
         if self.clobber and not skip and isinstance(buf, np.ndarray) and buf.flags.writeable:
@@ -241,7 +264,7 @@ class _Executor:
 
     # ------------------------------------------------------ point-to-point
     def _shape(self, mb: int) -> tuple:
-        return self.inputs[mb].shape + (self.h,)
+        return next(iter(self.stages.values())).message_shape(*self.inputs[mb].shape)
 
     def _tag(self, kind: str, mb: int, stage: int) -> int:
         return message_tag(kind, mb, stage, self.sch.n_stages)

@@ -22,8 +22,18 @@ from typing import Sequence
 
 import numpy as np
 
+from typing import Callable
+
+from ...comm import Comm
 from ...nn import GPT, defer_weight_grads
+from ...nn import functional as Fn
+from ...nn.functional import linear_flops as F_linear_flops
 from ...nn.module import Module
+from ...nn.moe_gpt import MoETransformerBlock
+from ..expert import ExpertParallelMoE
+from ..tensor import (ColumnParallelLinear, ParallelGPT, ParallelTransformerBlock,
+                      RowParallelLinear, TensorParallelModule,
+                      vocab_parallel_cross_entropy, vocab_parallel_cross_entropy_backward)
 from .schedules import Schedule
 
 BY = ("layers", "params")
@@ -116,40 +126,95 @@ def _balanced_params(model: GPT, n: int) -> list[int]:
 
 class PipelineStage(Module):
     """Stage ``index`` of ``n_stages``: the embedding (first stage), the blocks in
-    ``layers``, and ``ln_f`` + LM head (last stage) of ``model``.
+    ``layers``, and ``ln_f`` + LM head + loss (last stage) of ``model``.
+
+    Two ways to cut it, one interface:
+
+    * ``tp=None`` — the pieces are the reference's own modules: the stage holds
+      the very block objects of ``model`` and shares its parameter and gradient
+      arrays (pass a model of this rank's own; :func:`~simpar.parallel.hybrid.build_model`
+      passes a copy);
+    * ``tp=<Comm>`` — the pieces are **tensor-parallel** cuts of the reference
+      over ``tp`` (:class:`~simpar.parallel.tensor.ParallelTransformerBlock`, the
+      vocab-parallel ends of :class:`~simpar.parallel.tensor.ParallelGPT`), with
+      ``sequence_parallel`` as an option: then the activations passed between
+      stages are sequence shards ``(b, s/t, h)``, as in Megatron-LM.
+
+    MoE blocks of a :class:`~simpar.nn.MoEGPT` get an
+    :class:`~simpar.parallel.expert.ExpertParallelMoE` over ``ep`` (a size-1
+    group when ``ep`` is ``None``), its auxiliary loss weighted by ``aux_scale``.
 
     ``forward(x, key)`` takes token ids on the first stage and hidden states
-    ``(b, s, h)`` elsewhere; it returns hidden states, or logits on the last stage.
-    ``backward(dy, key)`` returns the gradient of the stage's input (``None`` on the
-    first stage).  Under :func:`~simpar.nn.defer_weight_grads` the backward leaves
-    the weight gradients for :meth:`backward_weights` (zero-bubble ``I``/``W``).
+    elsewhere; it returns hidden states, or logits (this rank's vocabulary
+    columns under tp) on the last stage, whose :meth:`loss_forward` /
+    :meth:`loss_backward` compute the cross-entropy.  ``backward(dy, key)``
+    returns the gradient of the stage's input (``None`` on the first stage).
+    :meth:`backward_input` / :meth:`backward_weights` are the zero-bubble
+    ``I``/``W`` split (reference pieces only).
     """
 
-    def __init__(self, model: GPT, index: int, n_stages: int, layers: range) -> None:
+    def __init__(self, model: GPT, index: int, n_stages: int, layers: range,
+                 tp: Comm | None = None, sequence_parallel: bool = False,
+                 ep: Comm | None = None, aux_scale: float = 1.0) -> None:
         super().__init__()
         if not 0 <= index < n_stages:
             raise ValueError(f"stage index {index} outside [0, {n_stages})")
+        if sequence_parallel and tp is None:
+            raise ValueError("sequence_parallel needs a tensor-parallel group tp")
         self.index, self.n_stages, self.layers = index, n_stages, layers
         self.config = model.config              # message shapes: (b, s, d_model), model dtype
         self.is_first, self.is_last = index == 0, index == n_stages - 1
-        self.model = model if (self.is_first or self.is_last) else None
-        if model.config.tie_weights and n_stages > 1:
-            raise ValueError("pipeline stages need untied embeddings (tie_weights=False): "
-                             "wte would live on the first and the last stage")
-        if self.is_first:                   # share the reference's arrays: live, same names
-            for name in ("wte", "wpe"):
-                self.params[name], self.grads[name] = model.params[name], model.grads[name]
-        self.blocks = [self.add_child(f"blocks.{i}", model.blocks[i]) for i in layers]
+        self.tp, self.sequence_parallel = tp, bool(sequence_parallel)
+        self.tied = bool(model.config.tie_weights)
+        if tp is None:
+            ends, blocks = model, [_moe_cut(model.blocks[i], ep, aux_scale) for i in layers]
+        else:
+            ends = ParallelGPT.from_reference(model, tp, sequence_parallel, layers=())
+            blocks = [ParallelTransformerBlock.from_reference(
+                model.blocks[i], tp, sequence_parallel, ep=ep, aux_scale=aux_scale)
+                for i in layers]
+        self.model = ends if (self.is_first or self.is_last) else None
+        own = (["wte", "wpe"] if self.is_first else []) + \
+            (["wte"] if self.is_last and self.tied and not self.is_first else [])
+        for name in own:                    # share the ends' arrays: live, same names
+            self.params[name], self.grads[name] = ends.params[name], ends.grads[name]
+        self.blocks = [self.add_child(f"blocks.{i}", b) for i, b in zip(layers, blocks)]
         if self.is_last:
-            self.add_child("ln_f", model.ln_f)
-            if model.lm_head is not None:
-                self.add_child("lm_head", model.lm_head)
+            self.add_child("ln_f", ends.ln_f)
+            if ends.lm_head is not None:
+                self.add_child("lm_head", ends.lm_head)
 
     def __repr__(self) -> str:
         parts = (["embedding"] if self.is_first else []) + \
             [f"blocks[{self.layers.start}:{self.layers.stop}]"] + (["head"] if self.is_last else [])
         return f"PipelineStage({self.index}/{self.n_stages}: {' + '.join(parts)})"
 
+    # ------------------------------------------------------------ shapes
+    def message_shape(self, batch: int, seq: int) -> tuple:
+        """Shape of the activation this stage sends on (and of its gradient):
+        ``(b, s, h)``, or the sequence shard ``(b, s/t, h)`` under SP."""
+        if self.sequence_parallel:
+            return (batch, seq // self.tp.size, self.config.d_model)
+        return (batch, seq, self.config.d_model)
+
+    def piece_names(self) -> dict[str, list[str]]:
+        """Parameter names by piece, in backward order: ``head``, ``blocks.{i}``
+        (last to first), ``embedding`` — what :meth:`backward` reports ready."""
+        names = list(self.parameters())
+        pieces = {}
+        if self.is_last:
+            pieces["head"] = [n for n in names if n.startswith(("ln_f.", "lm_head."))] + \
+                (["wte"] if self.tied and not self.is_first else [])
+        for i in reversed(self.layers):
+            pieces[f"blocks.{i}"] = [n for n in names if n.startswith(f"blocks.{i}.")]
+        if self.is_first:
+            pieces["embedding"] = ["wte", "wpe"]
+        if self.is_first and self.is_last and self.tied:
+            pieces["embedding"] = ["wpe"]
+            pieces["head"].append("wte")     # both uses on one stage: final after the head
+        return pieces
+
+    # ----------------------------------------------------------- compute
     def forward(self, x, key=0):
         if self.is_first:
             x = self.model.embed_forward(x, key)
@@ -159,36 +224,134 @@ class PipelineStage(Module):
             x = self.model.head_forward(x, key)
         return x
 
-    def backward(self, dy, key=0):
+    def backward(self, dy, key=0, grads_ready: Callable[[list[str]], None] | None = None):
+        """Input gradient of the stage; ``grads_ready(names)`` is told, piece by
+        piece, which gradients are complete (data parallelism's overlap hook)."""
+        ready = grads_ready or _ignore
+        pieces = self.piece_names() if grads_ready else {}
         if self.is_last:
             dy = self.model.head_backward(dy, key)
-        for block in reversed(self.blocks):
+            if not (self.is_first and self.tied):
+                ready(pieces.get("head", []))
+        for i, block in zip(reversed(self.layers), reversed(self.blocks)):
             dy = block.backward(dy, key)
+            ready(pieces.get(f"blocks.{i}", []))
         if self.is_first:
             self.model.embed_backward(dy, key)  # weight gradient only, computed at once
+            ready(pieces.get("embedding", []) + (pieces.get("head", []) if self.is_last
+                                                  and self.tied else []))
             return None
         return dy
 
-    def backward_weights(self, key=0) -> None:
+    def backward_weights(self, key=0, grads_ready: Callable[[list[str]], None] | None = None
+                         ) -> None:
         if self.is_last:
             self.model.head_backward_weights(key)
         for block in reversed(self.blocks):
             block.backward_weights(key)
+        if grads_ready:
+            grads_ready(list(self.parameters()))
 
     def backward_input(self, dy, key=0):
         """The zero-bubble ``I``: :meth:`backward` with weight gradients deferred."""
+        if self.tp is not None:
+            raise ValueError("zero-bubble schedules (I/W split) need reference pieces "
+                             "(tp=None): tensor-parallel layers compute weight gradients "
+                             "in backward")
         with defer_weight_grads():
             return self.backward(dy, key)
 
+    # -------------------------------------------------------------- loss
+    def loss_forward(self, logits, targets):
+        """Mean cross-entropy of this micro-batch (vocab-parallel under tp):
+        ``(loss, cache)``."""
+        if self.tp is None:
+            return Fn.cross_entropy(logits, targets)
+        return vocab_parallel_cross_entropy(logits, targets, self.config.vocab_size, self.tp)
+
+    def loss_backward(self, cache, dloss: float):
+        if self.tp is None:
+            return Fn.cross_entropy_backward(cache, dloss)
+        return vocab_parallel_cross_entropy_backward(cache, dloss)
+
+    def aux_loss(self, key) -> float:
+        """Sum of this stage's MoE auxiliary losses in the forward of ``key``."""
+        return float(sum(m.stats[key].aux_loss for m in self.moe_layers()))
+
+    def moe_layers(self) -> list:
+        return [m for _, m in self.named_modules() if isinstance(m, ExpertParallelMoE)]
+
+    # ------------------------------------------------- parallel bookkeeping
+    def sequence_parallel_grads(self) -> list[np.ndarray]:
+        """Gradients that are partial sums over this rank's tokens under SP."""
+        if not self.sequence_parallel:
+            return []
+        out = [self.grads["wpe"]] if self.is_first else []
+        if self.is_last:
+            out += [self.children["ln_f"].grads[n] for n in ("gamma", "beta")]
+        for b in self.blocks:
+            out += b.sequence_parallel_grads()
+        return out
+
+    def clear_sequence_parallel_pending(self) -> None:
+        for _, m in self.named_modules():
+            if isinstance(m, TensorParallelModule):
+                m._grads_pending = False
+
+    def tp_sharded(self) -> set[str]:
+        """Names of parameters split over ``tp`` (the rest is replicated over it)."""
+        if self.tp is None:
+            return set()
+        out = {n for n in ("wte",) if n in self.params}
+        for full, m, n in self._walk():
+            if isinstance(m, ColumnParallelLinear) or (isinstance(m, RowParallelLinear)
+                                                       and n == "W"):
+                out.add(full)
+        return out
+
+    def expert_parallel(self) -> set[str]:
+        """Names of parameters inside expert-parallel layers (summed over ``edp``)."""
+        prefixes = [name + "." for name, m in self.named_modules()
+                    if isinstance(m, ExpertParallelMoE)]
+        return {n for n in self.parameters() if n.startswith(tuple(prefixes))} \
+            if prefixes else set()
+
+    def full_tensor(self, name: str, local: np.ndarray) -> np.ndarray:
+        """Reference-shaped tensor of a stage parameter (a tp collective)."""
+        for full, m, n in self._walk():
+            if full == name:
+                if m is self and self.model is not None:
+                    m, n = self.model, name
+                if isinstance(m, TensorParallelModule):
+                    return m.full_tensor(n, local)
+                return local.copy()
+        raise KeyError(name)
+
     def saved_keys(self) -> list:
         keys = super().saved_keys()
-        if self.model is not None:               # the embedding / head records of the GPT
-            keys += [k for (slot, k) in self.model._saved if k not in keys]
+        if self.model is not None:               # the embedding / head records of the ends
+            keys += [k for k in self.model.saved_keys() if k not in keys]
         return keys
 
     def flops(self, batch: int, seq: int) -> float:
-        return sum(b.flops(batch, seq) for b in self.blocks) + \
-            (self.model.head_flops(batch, seq) if self.is_last else 0.0)
+        head = 0.0
+        if self.is_last:
+            head = self.model.head_flops(batch, seq) if self.tp is None else \
+                F_linear_flops(batch * seq, self.config.d_model,
+                               self.model.params["wte"].shape[0] if self.tied
+                               else self.model.lm_head.params["W"].shape[1])
+        return sum(b.flops(batch, seq) for b in self.blocks) + head
+
+
+def _ignore(names) -> None:
+    return None
+
+
+def _moe_cut(block, ep: Comm | None, aux_scale: float):
+    """A reference block, with its MoE layer (if any) made expert-parallel over ``ep``."""
+    if isinstance(block, MoETransformerBlock) and ep is not None:
+        block.replace_moe(ExpertParallelMoE.from_reference(block.moe, ep, aux_scale))
+    return block
 
 
 def build_stages(model: GPT, n_stages: int, by: str | Sequence[int] = "layers"

@@ -46,9 +46,11 @@ import numpy as np
 
 from ... import trace
 from ...comm import Comm
-from ...nn import GPT, LayerNorm, TransformerBlock
+from ...nn import GPT, LayerNorm, Module
 from ...nn import functional as F
 from ...nn.module import frozen
+from ...nn.moe_gpt import MoETransformerBlock
+from ..expert import ExpertParallelMoE
 from .attention import ParallelAttention
 from .layers import ColumnParallelLinear, TensorParallelModule, check_divisible
 from .mappings import (copy_to_tp_region, copy_to_tp_region_backward, gather_from_sp_region,
@@ -78,37 +80,59 @@ class ParallelTransformerBlock(TensorParallelModule):
 
     def __init__(self, h: int, n_head: int, d_ff: int, tp: Comm,
                  sequence_parallel: bool = False, dtype=np.float64,
-                 trace_name: str = "block") -> None:
+                 trace_name: str = "block", moe: Module | None = None) -> None:
         super().__init__(tp, sequence_parallel)
         check_divisible("hidden size h", h, tp.size)
         check_divisible("n_head", n_head, tp.size)
         check_divisible("d_ff", d_ff, tp.size)
+        if moe is not None and sequence_parallel:
+            raise ValueError("MoE layers with sequence parallelism are not supported: the "
+                             "router's capacity is counted per rank's tokens, so sequence "
+                             "shards would route differently (use sequence_parallel=False)")
         self.h, self.trace_name = h, trace_name
         sp = sequence_parallel
         self.ln1 = self.add_child("ln1", LayerNorm(h, dtype=dtype))
         self.attn = self.add_child("attn", ParallelAttention(
             h, n_head, tp, sp, dtype, trace_name=f"{trace_name}.attn"))
         self.ln2 = self.add_child("ln2", LayerNorm(h, dtype=dtype))
-        self.mlp = self.add_child("mlp", ParallelMLP(
-            h, d_ff, tp, sp, dtype, trace_name=f"{trace_name}.mlp"))
+        if moe is None:                 # the feed-forward: a tensor-parallel MLP ...
+            self.ffn = self.mlp = self.add_child("mlp", ParallelMLP(
+                h, d_ff, tp, sp, dtype, trace_name=f"{trace_name}.mlp"))
+        else:                           # ... or an MoE layer, replicated over tp
+            self.ffn = self.moe = self.add_child("moe", moe)
 
     @classmethod
-    def from_reference(cls, block: TransformerBlock, tp: Comm, sequence_parallel: bool = False,
-                       trace_name: str | None = None) -> "ParallelTransformerBlock":
-        """Cut this rank's shards from a reference :class:`~simpar.nn.TransformerBlock`."""
+    def from_reference(cls, block, tp: Comm, sequence_parallel: bool = False,
+                       trace_name: str | None = None, ep: Comm | None = None,
+                       aux_scale: float = 1.0) -> "ParallelTransformerBlock":
+        """Cut this rank's shards from a reference :class:`~simpar.nn.TransformerBlock`
+        — or from an :class:`~simpar.nn.MoETransformerBlock`, whose MoE layer
+        becomes an :class:`~simpar.parallel.expert.ExpertParallelMoE` over ``ep``
+        (replicated over ``tp``: every tp rank routes the same tokens), with its
+        auxiliary loss weighted by ``aux_scale``."""
         attn = block.attn
-        m = cls(block.h, attn.n_head, block.mlp.fc1.n_out, tp, sequence_parallel,
-                attn.qkv.params["W"].dtype, trace_name or block.trace_name)
+        moe = None
+        if isinstance(block, MoETransformerBlock):
+            if ep is None:
+                raise ValueError("an MoE block needs an expert-parallel group ep")
+            moe = ExpertParallelMoE.from_reference(block.moe, ep, aux_scale)
+            d_ff = block.moe.d_ff
+        else:
+            d_ff = block.mlp.fc1.n_out
+        m = cls(block.h, attn.n_head, d_ff, tp, sequence_parallel,
+                attn.qkv.params["W"].dtype, trace_name or block.trace_name, moe=moe)
         return m.load_reference(block)
 
-    def load_reference(self, block: TransformerBlock) -> "ParallelTransformerBlock":
-        """Copy this rank's shards of ``block`` into the parameters; returns self."""
+    def load_reference(self, block) -> "ParallelTransformerBlock":
+        """Copy this rank's shards of ``block`` into the parameters; returns self.
+        (An MoE layer was cut by :meth:`from_reference`.)"""
         self.ln1.load_state_dict(block.ln1.state_dict())
         self.ln2.load_state_dict(block.ln2.state_dict())
         self.attn.qkv.load_reference(block.attn.qkv)
         self.attn.proj.load_reference(block.attn.proj)
-        self.mlp.fc1.load_reference(block.mlp.fc1)
-        self.mlp.fc2.load_reference(block.mlp.fc2)
+        if "mlp" in self.children:
+            self.mlp.fc1.load_reference(block.mlp.fc1)
+            self.mlp.fc2.load_reference(block.mlp.fc2)
         return self
 
     def sequence_parallel_grads(self):
@@ -119,13 +143,13 @@ class ParallelTransformerBlock(TensorParallelModule):
         name = self.trace_name
         x1 = self.attn.forward(_layernorm(self.ln1, x, key, f"{name}.ln1"), key)
         x1 += x
-        y = self.mlp.forward(_layernorm(self.ln2, x1, key, f"{name}.ln2"), key)
+        y = self.ffn.forward(_layernorm(self.ln2, x1, key, f"{name}.ln2"), key)
         y += x1
         return y
 
     def backward(self, dy, key=0):
         name = self.trace_name
-        dx1 = _layernorm_backward(self.ln2, self.mlp.backward(dy, key), key, f"{name}.ln2")
+        dx1 = _layernorm_backward(self.ln2, self.ffn.backward(dy, key), key, f"{name}.ln2")
         dx1 += dy
         dx = _layernorm_backward(self.ln1, self.attn.backward(dx1, key), key, f"{name}.ln1")
         dx += dx1
@@ -150,7 +174,7 @@ class ParallelGPT(TensorParallelModule):
     """
 
     def __init__(self, config, tp: Comm, sequence_parallel: bool = False,
-                 dtype=np.float64) -> None:
+                 dtype=np.float64, layers=None, blocks=None) -> None:
         super().__init__(tp, sequence_parallel)
         c = self.config = config
         check_divisible("d_model", c.d_model, tp.size)
@@ -161,9 +185,12 @@ class ParallelGPT(TensorParallelModule):
         self.vocab_start, _, n_local = vocab_range(c.vocab_size, tp)
         self.add_param("wte", np.zeros((n_local, c.d_model), dtype))
         self.add_param("wpe", np.zeros((c.seq_len, c.d_model), dtype))
-        self.blocks = [self.add_child(f"blocks.{i}", ParallelTransformerBlock(
-            c.d_model, c.n_head, c.d_ff, tp, sequence_parallel, dtype, f"block{i}"))
-            for i in range(c.n_layer)]
+        self.layers = range(c.n_layer) if layers is None else layers
+        if blocks is None:
+            blocks = [ParallelTransformerBlock(c.d_model, c.n_head, c.d_ff, tp,
+                                               sequence_parallel, dtype, f"block{i}")
+                      for i in self.layers]
+        self.blocks = [self.add_child(f"blocks.{i}", b) for i, b in zip(self.layers, blocks)]
         self.ln_f = self.add_child("ln_f", LayerNorm(c.d_model, dtype=dtype))
         self.lm_head = None if c.tie_weights else self.add_child(
             "lm_head", ColumnParallelLinear(c.d_model, c.vocab_size, tp, bias=False,
@@ -171,13 +198,21 @@ class ParallelGPT(TensorParallelModule):
                                             dtype=dtype, trace_name="head.lm_head"))
 
     @classmethod
-    def from_reference(cls, gpt: GPT, tp: Comm, sequence_parallel: bool = False) -> "ParallelGPT":
-        """Cut this rank's shards from a reference :class:`~simpar.nn.GPT`."""
-        m = cls(gpt.config, tp, sequence_parallel, gpt.params["wte"].dtype)
+    def from_reference(cls, gpt: GPT, tp: Comm, sequence_parallel: bool = False,
+                       layers=None, ep: Comm | None = None, aux_scale: float = 1.0
+                       ) -> "ParallelGPT":
+        """Cut this rank's shards from a reference :class:`~simpar.nn.GPT` (or
+        :class:`~simpar.nn.MoEGPT`: MoE layers over ``ep``, see
+        :meth:`ParallelTransformerBlock.from_reference`).  ``layers``: the blocks
+        to hold (default all; ``()`` for the two ends only, as a pipeline stage
+        uses them)."""
+        layers = range(gpt.config.n_layer) if layers is None else layers
+        blocks = [ParallelTransformerBlock.from_reference(gpt.blocks[i], tp, sequence_parallel,
+                                                          ep=ep, aux_scale=aux_scale)
+                  for i in layers]
+        m = cls(gpt.config, tp, sequence_parallel, gpt.params["wte"].dtype, layers, blocks)
         m.params["wte"][...] = shard_vocab(gpt.params["wte"], tp)
         m.params["wpe"][...] = gpt.params["wpe"]
-        for mine, ref in zip(m.blocks, gpt.blocks):
-            mine.load_reference(ref)
         m.ln_f.load_state_dict(gpt.ln_f.state_dict())
         if m.lm_head is not None:
             m.lm_head.load_reference(gpt.lm_head)

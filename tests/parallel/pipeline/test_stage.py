@@ -74,10 +74,12 @@ def test_stages_share_the_reference_names_and_arrays():
     assert sum(len(n) for n in names) == len(model.parameters())
     assert stages[0].parameters()["wte"] is model.params["wte"]          # live, shared
     assert repr(stages[0]) == "PipelineStage(0/3: embedding + blocks[0:2])"
-    with pytest.raises(ValueError, match="tie_weights"):
-        tied = GPTConfig(vocab_size=11, seq_len=5, n_layer=2, n_head=2, d_model=8,
-                         tie_weights=True)
-        PipelineStage(GPT(tied), 0, 2, range(1))
+    # tied embeddings: first and last stage each hold wte (summed over the embedding group)
+    tied = GPT(GPTConfig(vocab_size=11, seq_len=5, n_layer=2, n_head=2, d_model=8,
+                         tie_weights=True))
+    first, last = PipelineStage(tied, 0, 2, range(1)), PipelineStage(tied, 1, 2, range(1, 2))
+    assert "wte" in first.params and "wte" in last.params and "wpe" not in last.params
+    assert last.piece_names()["head"] == ["ln_f.gamma", "ln_f.beta", "wte"]
     with pytest.raises(ValueError, match="stage index 3"):
         PipelineStage(model, 3, 3, range(1))
 
