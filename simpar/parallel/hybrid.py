@@ -1,0 +1,276 @@
+"""Hybrid ("3D") parallelism: one :class:`~simpar.comm.mesh.Mesh`, one model
+(Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU
+Clusters Using Megatron-LM", §2–§3).
+
+:func:`build_model` composes the paradigms from the layers that already exist —
+no second copy of the model::
+
+    reference GPT / MoEGPT (same seed on every rank)
+      └─ pipeline stages over mesh.pp   (partition; vpp chunks per rank, interleaved)
+           ├─ blocks: ParallelTransformerBlock over mesh.tp  (+ sequence parallelism)
+           │    └─ MoE feed-forward: ExpertParallelMoE over mesh.ep  (replicated over tp)
+           ├─ first stage: vocab-parallel embedding
+           └─ last stage: vocab-parallel head + cross-entropy  (tied: wteᵀ)
+
+and :meth:`HybridModel.step` runs one training step of the global batch: this
+rank's data-parallel slice, cut into ``m`` micro-batches, through the pipeline
+schedule; then every gradient is summed over **the group that replicates it**:
+
+=================================  ===========================  =================
+gradient                           replicated over               summed by
+=================================  ===========================  =================
+dense parameters                   ``dp`` (data parallel)        bucketed all-reduce
+expert parameters and routers      ``edp`` (same experts)        bucketed all-reduce
+                                   (routers: also ``ep``,        (in the layer)
+                                   summed in the MoE backward)
+LayerNorms, row biases, ``wpe``    ``tp`` under sequence         one all-reduce
+under sequence parallelism         parallelism (partial sums)
+tied ``wte`` with ``pp > 1``       the embedding group (first    one all-reduce
+                                   and last stage)
+=================================  ===========================  =================
+
+The loss is the mean over the **global** token count, so these sums give exactly
+the single-device gradient.  MoE auxiliary losses: each (dp rank, micro-batch) is
+one routing group, weighted ``1/(dp·m)`` — the reference :class:`~simpar.nn.MoEGPT`
+with ``groups = dp·m`` computes the same.  Gradient clipping uses the **global**
+norm: every distinct gradient element counted once across all shards and groups.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import numpy as np
+
+from ..comm import Comm
+from ..comm.mesh import Mesh
+from ..nn import GPT
+from ..nn.moe_gpt import MoEGPT
+from ..optim import clip_grad_norm
+from .data import DEFAULT_BUCKET_BYTES, GradientBuckets, check_bucket_bytes
+from .pipeline import PipelineStage, StepResult, make_schedule, partition, run_schedule
+from .tensor.layers import check_divisible
+from .tensor.mappings import allreduce_sequence_parallel_grads
+
+__all__ = ["HybridModel", "build_model", "check_layout", "embedding_group", "split_batch"]
+
+
+def check_layout(reference: GPT, mesh_config, schedule: str = "1f1b",
+                 sequence_parallel: bool = False) -> None:
+    """Every check that needs no message: the same ``ValueError`` on every rank."""
+    c, cfg = reference.config, mesh_config
+    if cfg.tp > 1:
+        for what, n in (("hidden size d_model", c.d_model), ("n_head", c.n_head),
+                        ("d_ff", c.d_ff)):
+            check_divisible(what, n, cfg.tp)
+        if sequence_parallel:
+            check_divisible("seq_len", c.seq_len, cfg.tp)
+    stages = cfg.pp * cfg.vpp
+    if stages > c.n_layer:
+        raise ValueError(f"pp={cfg.pp} x vpp={cfg.vpp} = {stages} pipeline stages but the "
+                         f"model has n_layer={c.n_layer}: every stage needs a layer")
+    if cfg.vpp > 1 and schedule != "interleaved":
+        raise ValueError(f"vpp={cfg.vpp} model chunks per rank need schedule='interleaved', "
+                         f"got {schedule!r}")
+    if schedule == "zb-h1" and cfg.tp > 1:
+        raise ValueError("schedule 'zb-h1' splits backward into I and W, which the "
+                         f"tensor-parallel layers do not do yet: use tp=1 (got tp={cfg.tp})")
+    if isinstance(reference, MoEGPT):
+        n_experts = reference.config.n_experts
+        if n_experts % cfg.ep:
+            raise ValueError(f"n_experts={n_experts} is not divisible by ep={cfg.ep}")
+        if sequence_parallel and cfg.tp > 1:
+            raise ValueError("MoE layers with sequence parallelism are not supported")
+    elif cfg.ep > 1:
+        raise ValueError(f"ep={cfg.ep} needs a model with MoE layers (MoEGPT)")
+
+
+def embedding_group(mesh: Mesh, tied: bool) -> Comm | None:
+    """The first and last pipeline rank of one (dp, tp) position, which both hold
+    the tied ``wte`` (Megatron-LM's embedding group); ``None`` when not needed.
+    Collective over the world (every rank calls it)."""
+    cfg, c = mesh.config, mesh.coords
+    if not tied or cfg.pp == 1:
+        return None
+    member = c.pp in (0, cfg.pp - 1)
+    color = c.dp * cfg.tp + c.tp if member else cfg.dp * cfg.tp + mesh.world.rank
+    group = mesh.world.split(color, c.pp, name="embedding")
+    return group if member else None
+
+
+def split_batch(idx: np.ndarray, dp_rank: int, dp: int, m: int) -> list[np.ndarray]:
+    """This data-parallel rank's rows of the global batch, cut into ``m`` micro-batches
+    (contiguous: rank ``r`` holds rows ``[r·B/dp, (r+1)·B/dp)``)."""
+    B = idx.shape[0]
+    per = B // dp
+    mine = idx[dp_rank * per:(dp_rank + 1) * per]
+    return np.split(mine, m)
+
+
+class HybridModel:
+    """This rank's part of a model laid out on ``mesh`` (see the module docstring).
+
+    Build it with :func:`build_model`.  ``stages`` maps each pipeline stage this
+    rank holds to its :class:`~simpar.parallel.pipeline.PipelineStage`.
+    """
+
+    def __init__(self, reference: GPT, mesh: Mesh, *, schedule: str = "1f1b",
+                 sequence_parallel: bool = False, partition_by="layers",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = False) -> None:
+        cfg = mesh.config
+        check_layout(reference, cfg, schedule, sequence_parallel)
+        self.bucket_bytes = check_bucket_bytes(bucket_bytes)
+        self.mesh, self.config, self.schedule_name = mesh, reference.config, schedule
+        self.sequence_parallel = bool(sequence_parallel) and cfg.tp > 1
+        self.overlap = bool(overlap)
+        n_stages = cfg.pp * cfg.vpp
+        bounds = partition(reference, n_stages, partition_by)
+        mine = [s for s in range(n_stages) if s % cfg.pp == mesh.coords.pp]
+        model = copy.deepcopy(reference) if cfg.tp == 1 else reference   # tp=1: pieces are its own
+        tp = mesh.tp if cfg.tp > 1 else None
+        self.stages = {s: PipelineStage(model, s, n_stages, bounds[s], tp,
+                                        self.sequence_parallel, mesh.ep) for s in mine}
+        self.embedding = embedding_group(mesh, self.config.tie_weights)
+        self._make_buckets()
+
+    # --------------------------------------------------------- parameters
+    def _unique(self, which: str) -> dict[str, np.ndarray]:
+        out = {}
+        for s in sorted(self.stages):
+            for name, a in getattr(self.stages[s], which)().items():
+                out.setdefault(name, a)
+        return out
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """This rank's parameter shards, ``{reference name: live array}``."""
+        return self._unique("parameters")
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        return self._unique("gradients")
+
+    def zero_grad(self) -> None:
+        for g in self.gradients().values():
+            g.fill(0)
+
+    def moe_layers(self) -> list:
+        return [m for s in sorted(self.stages) for m in self.stages[s].moe_layers()]
+
+    def _expert_names(self) -> set[str]:
+        return set().union(*(st.expert_parallel() for st in self.stages.values()))
+
+    def _make_buckets(self) -> None:
+        """Dense and expert gradients in backward order (last stage, last layer first)."""
+        experts = self._expert_names()
+        dense, expert = {}, {}
+        for s in sorted(self.stages, reverse=True):
+            for name, g in reversed(list(self.stages[s].gradients().items())):
+                if name not in dense and name not in expert:
+                    (expert if name in experts else dense)[name] = g
+        self.buckets = [GradientBuckets(grads, comm, self.bucket_bytes, self.overlap)
+                        for grads, comm in ((dense, self.mesh.dp), (expert, self.mesh.edp))
+                        if grads and comm.size > 1]
+
+    # ------------------------------------------------------------ a step
+    def step(self, idx, targets, micro_batches: int = 1) -> dict:
+        """Forward and backward of the **global** batch ``(B, s)`` (the same on
+        every rank); gradients accumulate over the micro-batches and are summed
+        over their groups once.  Returns ``{"loss", "ce", "aux", "result"}``: the
+        global loss (cross-entropy + MoE auxiliary), the same on every rank."""
+        idx, targets = np.asarray(idx), np.asarray(targets)
+        dp, m = self.mesh.config.dp, micro_batches
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise ValueError(f"micro_batches must be a positive integer, got {m!r}")
+        if idx.ndim != 2 or idx.shape != targets.shape:
+            raise ValueError(f"idx {idx.shape} and targets {targets.shape} must both be "
+                             f"(batch, seq)")
+        if idx.shape[0] % (dp * m):
+            raise ValueError(f"global batch size {idx.shape[0]} is not divisible by dp={dp} x "
+                             f"micro_batches={m} = {dp * m}")
+        for layer in self.moe_layers():
+            layer.aux_scale = 1.0 / (dp * m)      # one routing group per (dp rank, micro-batch)
+        schedule = make_schedule(self.schedule_name, self.mesh.config.pp, m,
+                                 self.mesh.config.vpp)
+        r = self.mesh.coords.dp
+        result = run_schedule(self.mesh.pp, schedule, self.stages, split_batch(idx, r, dp, m),
+                              split_batch(targets, r, dp, m), loss_tokens=targets.size,
+                              grads_ready=self._ready)
+        self.sync_grads()
+        return self._global_loss(result, dp * m, idx.shape[0] // dp / idx.shape[0])
+
+    def _ready(self, names: Sequence[str]) -> None:
+        for b in self.buckets:
+            b.ready(names)
+
+    def sync_grads(self) -> None:
+        """Sum every gradient over the group that replicates it (table above)."""
+        for b in self.buckets:                    # dp (dense), edp (experts)
+            b.finish()
+        if self.embedding is not None:            # tied wte: first + last stage
+            g = self.gradients()["wte"]
+            self.embedding.all_reduce(g, out=g)
+        if self.sequence_parallel:                # SP partial sums over tp
+            sp = [g for s in sorted(self.stages) for g in self.stages[s].sequence_parallel_grads()]
+            allreduce_sequence_parallel_grads(sp, self.mesh.tp)
+            for st in self.stages.values():
+                st.clear_sequence_parallel_pending()
+
+    def _global_loss(self, result: StepResult, groups: int, share: float) -> dict:
+        """Cross-entropy (last stage) + auxiliary losses (every stage), counted
+        once per tp group, summed over the world."""
+        ce = result.loss * share if result.loss is not None else 0.0
+        aux = sum(result.aux_losses.values()) / groups
+        mine = np.array([ce, aux]) if self.mesh.coords.tp == 0 else np.zeros(2)
+        ce, aux = self.mesh.world.all_reduce(mine).tolist()
+        return {"loss": ce + aux, "ce": ce, "aux": aux, "result": result}
+
+    # ------------------------------------------------------- global norm
+    def grad_norm(self) -> float:
+        """L2 norm of the whole model's gradient: every distinct element once
+        (tp-replicated on tp rank 0, dp-replicated on dp rank 0, experts on edp
+        rank 0, routers on ep rank 0, the tied ``wte`` on the first stage);
+        one all-reduce over the world."""
+        c, mesh = self.mesh.coords, self.mesh
+        experts = self._expert_names()
+        sharded = set().union(*(st.tp_sharded() for st in self.stages.values()))
+        first_holds_wte = 0 in self.stages
+        total = 0.0
+        for name, g in self.gradients().items():
+            if name == "wte" and not first_holds_wte:
+                continue                          # the last stage's copy of a tied wte
+            if name in experts:
+                counted = mesh.edp.rank == 0 and (c.ep == 0 or not name.endswith("router.W"))
+            else:
+                counted = c.dp == 0
+            if counted and (name in sharded or c.tp == 0):
+                flat = g.ravel()
+                total += float(np.dot(flat, flat))
+        return math.sqrt(float(mesh.world.all_reduce(np.array([total]))[0]))
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Scale every shard so the global norm is at most ``max_norm``; the norm before."""
+        return clip_grad_norm(self.gradients(), max_norm, norm=self.grad_norm())
+
+    # ------------------------------------------------ reference-shaped view
+    def full_state(self, which: str = "params") -> dict[str, np.ndarray]:
+        """Every parameter (or gradient) of the whole model at its reference shape,
+        on every rank (collective over the world; a cold path for tests and
+        checkpoints)."""
+        local = {}
+        for s in sorted(self.stages):
+            st = self.stages[s]
+            arrays = st.parameters() if which == "params" else st.gradients()
+            for name, a in arrays.items():
+                local[name] = st.full_tensor(name, a)
+        merged = {}
+        for part in self.mesh.world.gather_objects(local):
+            for name, a in part.items():
+                merged.setdefault(name, a)
+        return merged
+
+
+def build_model(reference: GPT, mesh: Mesh, **options) -> HybridModel:
+    """This rank's part of ``reference`` laid out on ``mesh``; see :class:`HybridModel`
+    for the options (``schedule``, ``sequence_parallel``, ``partition_by``,
+    ``bucket_bytes``, ``overlap``).  ``reference`` is left untouched."""
+    return HybridModel(reference, mesh, **options)
