@@ -1,23 +1,34 @@
 """The ``Comm`` interface: how simulated devices talk (DESIGN.md §3).
 
 ``Comm`` holds everything both backends share: argument checking, the
-optional cross-rank shape check (``SIMPAR_CHECK=1``), the simulated clock and
-the tracer.  A backend (:mod:`.threads`, :mod:`.mpi`) only implements a few raw
-primitives on contiguous NumPy arrays, named ``_raw_*``.
+cross-rank agreement check, the simulated clock and the tracer.  A backend
+(:mod:`.threads`, :mod:`.mpi`) only implements a few raw primitives on
+contiguous NumPy arrays, named ``_raw_*``.
 
-Every public collective follows the same four steps::
+Every public collective follows the same steps::
 
-    x = self._prepare(x)                     # dtype check, make contiguous
-    self._agree("all_reduce", x, ...)        # SIMPAR_CHECK: same shapes everywhere?
-    start = self._sync_clock(nbytes)         # collective starts at the latest member
-    out = self._raw_all_reduce(x, op, out)   # the backend moves the bytes
-    self._record(...)                        # tracer: wall + simulated event
+    x = as_message(x)                              # dtype check, make contiguous
+    sig = ("all_reduce", op_index, x.dtype, x.shape)  # what this rank calls
+    self._collective("all_reduce", nbytes, run, sig)  # arrival exchange, then run()
+
+The **arrival exchange** is one tiny max-all-reduce of
+``[sim time, bytes, NaN flag, h, -h]`` where ``h`` is a 52-bit fingerprint of
+the call (collective, dtype, shape, op / axis / root).  From it every rank
+learns when the collective starts on the simulated clock, how many bytes the
+largest member moves, whether any member's max/min input holds a NaN, and
+whether all members make the same call: they do iff ``max(h) == -max(-h)``.
+Only on a mismatch is there a second exchange (every rank's description of
+its call, pickled: a cold path) so that every rank raises the same
+``ValueError`` naming each rank's call.  The check is always on; it costs no
+extra message.  :meth:`Comm.agree` uses the same exchange for values a parallel
+entry point needs equal on every rank (configurations, schedules, shapes).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -28,17 +39,43 @@ from ..trace import Tracer
 DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.int32))
 REDUCE_OPS = ("sum", "max", "min")
 
-_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "barrier")
+_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "barrier",
+          "iall_reduce", "split", "gather_objects", "agree")
 _MAX_DIMS = 8
 _ENVELOPE_LEN = 3 + _MAX_DIMS   # [send time, dtype code, ndim, dims...]
+_FP_MASK = (1 << 52) - 1        # fingerprints are integers a float64 holds exactly
 
 
 class WorldAborted(RuntimeError):
     """Raised on every rank still waiting when another rank of the world failed."""
 
 
+class DeadlockError(RuntimeError):
+    """Every live rank of a threads world waits for something no rank will do
+    (or a wait outlived its limit).  The message lists what each rank waits for."""
+
+
+def _fingerprint_text(text: str) -> int:
+    """A 52-bit fingerprint of a string, the same in every process (``hash(str)``
+    is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little") \
+        & _FP_MASK
+
+
+def _group_ranks(descs: Sequence[str]) -> str:
+    """``"ranks 0, 2: A; rank 1: B"``: each distinct description once, in rank order."""
+    order: dict[str, list[int]] = {}
+    for r, d in enumerate(descs):
+        order.setdefault(d, []).append(r)
+    return "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {d}"
+                     for d, rs in order.items())
+
+
 def check_enabled() -> bool:
-    """Cross-rank shape checking, on when ``SIMPAR_CHECK=1`` (the test suite sets it)."""
+    """Extra (costly) checks, on when ``SIMPAR_CHECK=1`` (the test suite sets it).
+
+    The cross-rank agreement of collectives and :meth:`Comm.agree` are always
+    on; ``comm.check`` is for checks that cost more than a fingerprint."""
     return os.environ.get("SIMPAR_CHECK", "0") not in ("", "0", "false", "False")
 
 
@@ -116,9 +153,14 @@ class Comm:
 
         The result goes to a fresh array, or into ``out`` (a C-contiguous array
         of the same shape and dtype; ``out=x`` reduces in place, as a gradient
-        all-reduce does)."""
-        x, out = self._reduce_args(x, op, out)
-        return self._collective("all_reduce", x.nbytes, lambda: self._raw_all_reduce(x, op, out))
+        all-reduce does).  A NaN on any rank is NaN in the result on every rank,
+        for max and min too (MPI's MAX/MIN would give rank-dependent answers):
+        each rank's NaN flag rides in the arrival exchange, and only when one is
+        set does a second reduction mark the NaN positions."""
+        x, out, flag = self._reduce_args(x, op, out)
+        return self._collective("all_reduce", x.nbytes,
+                                lambda nan: self._reduce(x, op, out, nan),
+                                ("all_reduce", REDUCE_OPS.index(op), x.dtype, x.shape), flag)
 
     def iall_reduce(self, x: np.ndarray, op: str = "sum", out: np.ndarray | None = None
                     ) -> Request:
@@ -132,20 +174,25 @@ class Comm:
         all-reduces behind the backward pass (DESIGN.md §5).  The bytes move
         now, at launch (MPICH progresses non-blocking collectives only inside
         ``Test``; measured 10-20x slower when ranks outnumber cores), so on the
-        wall clock the overlap is not real on this machine."""
-        x, out = self._reduce_args(x, op, out)
+        wall clock the overlap is not real on this machine.  Agreement and NaN
+        handling are those of :meth:`all_reduce` (it is a call of its own kind:
+        an ``iall_reduce`` on one rank does not match an ``all_reduce`` on
+        another)."""
+        x, out, flag = self._reduce_args(x, op, out)
         t = self.tracer
         wall0 = time.perf_counter()
         launch = max(t.sim_now, t.comm_stream_free)
-        start, nbytes = launch, x.nbytes
+        start, nbytes, nan = launch, x.nbytes, False
         if self.size > 1:
-            start, most = self._raw_arrive(np.array([launch, float(nbytes)])).tolist()
+            start, most, nan = self._arrive(
+                ("iall_reduce", REDUCE_OPS.index(op), x.dtype, x.shape),
+                (launch, float(nbytes), flag))
             nbytes = int(most)
         end = start + sim.collective_time("all_reduce", nbytes, self.size, self.link)
         t.comm_stream_free = end
         event = t.add("comm", "all_reduce", wall0, wall0, start, end, nbytes=nbytes,
                       group=self.name, args={"size": self.size, "async": True})
-        self._raw_all_reduce(x, op, out)
+        self._reduce(x, op, out, nan)
         if event is not None:
             event.wall_end = time.perf_counter()
 
@@ -155,7 +202,7 @@ class Comm:
         return Request(finish)
 
     def _reduce_args(self, x: np.ndarray, op: str, out: np.ndarray | None):
-        """Checks of an all-reduce's arguments (and the cross-rank agreement)."""
+        """Checks of an all-reduce's arguments; this rank's NaN flag (max/min)."""
         _check_op(op)
         x = as_message(x)
         if out is None:
@@ -165,20 +212,32 @@ class Comm:
             raise ValueError(f"all_reduce: out must be a C-contiguous {x.dtype} array of shape "
                              f"{x.shape}, got {getattr(out, 'dtype', type(out))} "
                              f"{getattr(out, 'shape', '')}")
-        self._agree("all_reduce", x, extra=REDUCE_OPS.index(op))
-        return x, out
+        # max/min: one pass (np.max propagates NaN); sums propagate NaN by themselves
+        flag = float(op != "sum" and x.dtype.kind == "f" and x.size > 0
+                     and bool(np.isnan(x.max())))
+        return x, out, flag
+
+    def _reduce(self, x: np.ndarray, op: str, out: np.ndarray, nan: bool) -> np.ndarray:
+        """The data of an all-reduce; ``nan``: some member's input holds a NaN."""
+        if not nan:
+            return self._raw_all_reduce(x, op, out)
+        mask = np.isnan(x).astype(np.int32)            # before out (maybe x) is written
+        self._raw_all_reduce(x, op, out)
+        self._raw_all_reduce(mask, "max", mask)
+        out[mask.astype(bool)] = np.nan
+        return out
 
     def all_gather(self, x: np.ndarray, axis: int = 0) -> np.ndarray:
         """Concatenate every rank's ``x`` along ``axis`` (rank order)."""
         x = as_message(x)
         axis = _norm_axis(axis, max(x.ndim, 1))
-        self._agree("all_gather", x, extra=axis)
 
-        def run():
+        def run(_):
             stacked = self._raw_all_gather(x)                  # (size, *x.shape)
             return np.concatenate(list(stacked), axis=axis) if axis else \
                 stacked.reshape((-1,) + x.shape[1:])
-        return self._collective("all_gather", x.nbytes * self.size, run)
+        return self._collective("all_gather", x.nbytes * self.size, run,
+                                ("all_gather", axis, x.dtype, x.shape))
 
     def reduce_scatter(self, x: np.ndarray, axis: int = 0) -> np.ndarray:
         """Sum over the group, then keep this rank's ``1/size`` slice along ``axis``."""
@@ -187,30 +246,30 @@ class Comm:
         if x.shape[axis] % self.size:
             raise ValueError(f"reduce_scatter: dimension {axis} of shape {x.shape} is not "
                              f"divisible by the group size {self.size}")
-        self._agree("reduce_scatter", x, extra=axis)
 
-        def run():
+        def run(_):
             # bring the scattered axis to the front so each rank's block is contiguous
             blocks = np.ascontiguousarray(np.moveaxis(x, axis, 0)) if axis else x
             part = self._raw_reduce_scatter(blocks)
             return np.ascontiguousarray(np.moveaxis(part, 0, axis)) if axis else part
-        return self._collective("reduce_scatter", x.nbytes, run)
+        return self._collective("reduce_scatter", x.nbytes, run,
+                                ("reduce_scatter", axis, x.dtype, x.shape))
 
     def broadcast(self, x: np.ndarray, root: int = 0) -> np.ndarray:
         """Every rank gets ``root``'s array (all ranks pass an array of that shape)."""
         self._check_rank(root, "root")
         x = as_message(x)
-        self._agree("broadcast", x, extra=root)
-        return self._collective("broadcast", x.nbytes, lambda: self._raw_broadcast(x, root))
+        return self._collective("broadcast", x.nbytes, lambda _: self._raw_broadcast(x, root),
+                                ("broadcast", root, x.dtype, x.shape))
 
     def barrier(self) -> None:
-        self._agree("barrier", np.zeros(0))
-        self._collective("barrier", 0, self._raw_barrier)
+        self._collective("barrier", 0, lambda _: self._raw_barrier(), ("barrier", 0, None, ()))
 
     def all_to_all(self, x: np.ndarray, send_counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Uneven all-to-all along axis 0: rows ``[sum(c[:i]), sum(c[:i+1]))`` of ``x``
         go to rank ``i``.  Returns the received rows (in source-rank order) and
-        the number received from each rank.  Counts are exchanged first."""
+        the number received from each rank.  Counts are exchanged first.
+        Members must agree on the dtype and on every dimension but the first."""
         x = as_message(x)
         counts = np.asarray(send_counts, dtype=np.int64)
         if counts.shape != (self.size,) or (counts < 0).any():
@@ -219,13 +278,13 @@ class Comm:
         if x.ndim == 0 or counts.sum() != x.shape[0]:
             raise ValueError(f"all_to_all: send_counts sum to {int(counts.sum())} but x has "
                              f"shape {x.shape}")
-        self._agree("all_to_all", x, extra=0, skip_first_dim=True)
 
-        def run():      # counts first, inside the traced region (waiting shows as comm)
+        def run(_):     # counts first, inside the traced region (waiting shows as comm)
             recv_counts = self._raw_all_to_all_counts(counts)
             return self._raw_all_to_all(x, counts, recv_counts), recv_counts
         # n = the bytes one rank holds; members may differ, the collective lasts for the largest
-        return self._collective("all_to_all", x.nbytes, run)
+        return self._collective("all_to_all", x.nbytes, run,
+                                ("all_to_all", 0, x.dtype, (-1,) + x.shape[1:]))
 
     # ====================================================== point-to-point
     def send(self, x: np.ndarray, dst: int, tag: int = 0) -> None:
@@ -293,6 +352,8 @@ class Comm:
     def split(self, color: int, key: int = 0, name: str | None = None) -> "Comm":
         """Sub-communicator of the ranks passing the same ``color``, ordered by
         ``(key, rank)``.  Every rank of this group must call it."""
+        if self.size > 1:
+            self._arrive(("split", 0, None, ()), (0.0, 0.0, 0.0))
         pair = np.array([color, key], dtype=np.int64)
         table = self._raw_all_gather(pair)                    # (size, 2)
         members = sorted((int(k), r) for r, (c, k) in enumerate(table) if c == color)
@@ -305,7 +366,37 @@ class Comm:
     def gather_objects(self, obj) -> list:
         """Every rank's Python object, on every rank.  Cold path only (pickles
         under MPI): traces and results at the end of a run."""
+        if self.size > 1:
+            self._arrive(("gather_objects", 0, None, ()), (0.0, 0.0, 0.0))
         return self._raw_gather_objects(obj)
+
+    def agree(self, what: str, value: Any) -> Any:
+        """Check that every rank of this group passed an equal ``value``; return it.
+
+        For what a parallel entry point needs equal on every member before its
+        first message: a configuration, a schedule, a layer split, a
+        micro-batch count, shapes and dtypes, top-k.  ``value`` should be small
+        and have a faithful ``repr`` (tuples, ints, strings, dataclasses;
+        NumPy arrays are compared by shape, dtype and bytes).  One tiny
+        exchange of a 52-bit fingerprint, always on; if the ranks differ,
+        every rank raises the same ``ValueError`` naming ``what`` and each
+        rank's value (a second exchange, only then).  Every member must call
+        it, at the same point: a rank in ``agree`` while another is in a
+        collective is reported as a disagreement too.  It does not move the
+        simulated clock or appear in the trace.
+
+            comm.agree("pipeline schedule", (name, n_micro, tuple(split)))
+        """
+        if isinstance(value, np.ndarray):
+            digest = hashlib.blake2b(np.ascontiguousarray(value).tobytes(), digest_size=8)
+            text = f"ndarray {value.shape} {value.dtype} {digest.hexdigest()}"
+            shown = f"{np.array2string(value, threshold=12)} ({value.shape} {value.dtype}, " \
+                    f"checksum {digest.hexdigest()[:8]})"
+        else:
+            text = shown = repr(value)
+        if self.size > 1:
+            self._arrive(("agree", str(what), text, shown), (0.0, 0.0, 0.0))
+        return value
 
     # ============================================================= helpers
     def _check_rank(self, r: int, what: str) -> None:
@@ -315,43 +406,65 @@ class Comm:
     def _link_to(self, peer: int) -> sim.LinkSpec:
         return self.tracer.cluster.link((self.world_ranks[self.rank], self.world_ranks[peer]))
 
-    def _agree(self, kind: str, x: np.ndarray, extra: int = 0,
-               skip_first_dim: bool = False) -> None:
-        """SIMPAR_CHECK: all ranks must call the same collective with the same
-        shape and dtype; otherwise every rank raises the same ValueError."""
-        if not self.check or self.size == 1:
-            return
-        dims = list(x.shape[1:] if skip_first_dim else x.shape)
-        sig = np.full(4 + _MAX_DIMS, -1, dtype=np.int64)
-        sig[0] = _KINDS.index(kind)
-        sig[1] = DTYPES.index(x.dtype) if x.dtype in DTYPES else -1
-        sig[2] = extra
-        sig[3] = len(dims)
-        sig[4:4 + len(dims)] = dims
-        table = self._raw_gather_signature(sig)
-        if (table == table[0]).all():
-            return
-        rows = []
-        for r, row in enumerate(table):
-            k = _KINDS[row[0]]
-            shp = tuple(int(d) for d in row[4:4 + row[3]])
-            dt = DTYPES[row[1]] if row[1] >= 0 else "?"
-            rows.append(f"rank {r}: {k} shape {'(*, ' + str(shp)[1:] if skip_first_dim else shp}"
-                        f" {dt} arg {row[2]}")
-        raise ValueError(f"ranks of {self.name} disagree in a collective call "
-                         f"(SIMPAR_CHECK): " + "; ".join(rows))
+    @staticmethod
+    def _fingerprint(sig: tuple) -> int:
+        """52-bit fingerprint of a call signature ``(kind, arg, dtype, shape)``.
+        ``hash`` of a tuple of ints is the same in every process; strings
+        (``agree``) go through blake2b instead."""
+        kind = sig[0]
+        if kind == "agree":
+            return _fingerprint_text(f"agree\0{sig[1]}\0{sig[2]}")
+        dt = DTYPES.index(sig[2]) if sig[2] is not None else -1
+        return hash((_KINDS.index(kind), sig[1], dt, sig[3])) & _FP_MASK
 
-    def _collective(self, kind: str, nbytes: int, run):
+    @staticmethod
+    def _describe(sig: tuple) -> str:
+        """A call signature in words, for the disagreement message."""
+        kind, arg, dtype, shape = sig
+        if kind == "agree":
+            return f"agree on {arg!r}: {shape}"
+        if kind in ("barrier", "split", "gather_objects"):
+            return kind
+        if kind == "all_to_all":
+            return f"all_to_all {dtype} (*{''.join(f', {d}' for d in shape[1:])})"
+        label = {"all_reduce": "op", "iall_reduce": "op", "broadcast": "root"}.get(kind, "axis")
+        value = REDUCE_OPS[arg] if label == "op" else arg
+        return f"{kind} {label}={value} {dtype} {tuple(shape)}"
+
+    def _arrive(self, sig: tuple, head: tuple) -> tuple:
+        """The arrival exchange: max over the group of ``[*head, h, -h]``.
+
+        ``head`` is ``(sim time, bytes, NaN flag)``; returns their maxima.  If
+        the fingerprints ``h`` differ, every rank raises the same ValueError."""
+        h = float(self._fingerprint(sig))
+        r = self._raw_arrive(np.array([*head, h, -h]), sig)
+        if r[3] != -r[4]:
+            self._disagree(sig)
+        return r[0], r[1], bool(r[2])
+
+    def _disagree(self, sig: tuple) -> None:
+        """Cold path: every rank's call in words, then the same error everywhere."""
+        mine = (sig[0], sig[1] if sig[0] == "agree" else None, self._describe(sig))
+        table = self._raw_gather_objects(mine)
+        if all(k == "agree" and w == mine[1] for k, w, _ in table):
+            raise ValueError(f"ranks of {self.name} disagree on {mine[1]}: "
+                             + _group_ranks([d.split(": ", 1)[1] for _, _, d in table]))
+        raise ValueError(f"ranks of {self.name} disagree in a collective call: "
+                         + _group_ranks([d for _, _, d in table]))
+
+    def _collective(self, kind: str, nbytes: int, run, sig: tuple, flag: float = 0.0):
         """Simulated clock + tracer around one collective (DESIGN.md §4).
 
-        A tiny max-all-reduce of ``[sim time, bytes]`` first: the collective
-        starts at the latest member's time and lasts as long as its largest
-        member's message.  It doubles as the arrival point where backends wait
-        politely, so the data itself moves with everyone present."""
+        The arrival exchange first (see the module docstring): the collective
+        starts at the latest member's time, lasts as long as its largest
+        member's message, and runs only if every member makes the same call.
+        Backends wait politely there, so the data itself moves with everyone
+        present.  ``run(nan)`` moves the data (``nan``: a member flagged one)."""
         t = self.tracer
         wall0 = time.perf_counter()
+        nan = False
         if self.size > 1:
-            start, most = self._raw_arrive(np.array([t.sim_now, float(nbytes)])).tolist()
+            start, most, nan = self._arrive(sig, (t.sim_now, float(nbytes), flag))
             nbytes = int(most)
             if start > t.sim_now:
                 t.wait_until(start, "wait " + kind)
@@ -362,21 +475,19 @@ class Comm:
         end = start + sim.collective_time(kind, nbytes, self.size, self.link)
         event = t.add("comm", kind, wall0, wall0, start, end, nbytes=nbytes,
                       group=self.name, args={"size": self.size})
-        out = run()
+        out = run(nan)
         t.sim_now = end
         if event is not None:
             event.wall_end = time.perf_counter()
         return out
 
     # ============================================== backend primitives
-    def _raw_arrive(self, clock: np.ndarray) -> np.ndarray:
+    def _raw_arrive(self, vec: np.ndarray, sig: tuple) -> np.ndarray:
         """Element-wise max of a tiny array over the group.  Every member must
-        arrive before a collective's data moves; backends wait here politely."""
+        arrive before a collective's data moves; backends wait here politely
+        (``sig``, the call, names what this rank waits in if it never ends)."""
         raise NotImplementedError
 
-    def _raw_gather_signature(self, sig: np.ndarray) -> np.ndarray:
-        """All ranks' call signatures (SIMPAR_CHECK); also an arrival point."""
-        return self._raw_all_gather(sig)
 
     def _raw_all_reduce(self, x: np.ndarray, op: str, out: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -86,10 +86,15 @@ class Mesh:
     """The sub-communicators of one rank: ``tp``, ``dp``, ``pp``, ``ep``, ``edp``.
 
     Building a mesh is collective: every rank of ``comm`` must call it.  The
-    config is checked against the world size on every rank first.
+    ranks first agree on the config (:meth:`Comm.agree`: a ``ValueError`` on
+    every rank naming each rank's config if they differ), then it is checked
+    against the world size.
     """
 
     def __init__(self, comm: Comm, config: ParallelConfig) -> None:
+        if not isinstance(config, ParallelConfig):
+            raise TypeError(f"Mesh: config must be a ParallelConfig, got {type(config).__name__}")
+        comm.agree("the ParallelConfig of the Mesh", config)
         config.validate(comm.size)
         self.world = comm
         self.config = config

@@ -96,12 +96,12 @@ class MPIComm(Comm):
     # that follows is blocking, since every member is already there.  (MPICH's
     # non-blocking collectives progress only inside Test calls: measured 10-20x
     # slower than the blocking ones with 4 ranks on 2 cores.)
-    def _raw_arrive(self, clock):
-        out = np.empty_like(clock)
+    def _raw_arrive(self, vec, sig):
+        out = np.empty_like(vec)
         if self.polite:
-            self._wait(self._c.Iallreduce(clock, out, op=_op("max")))
+            self._wait(self._c.Iallreduce(vec, out, op=_op("max")))
         else:
-            self._c.Allreduce(clock, out, op=_op("max"))
+            self._c.Allreduce(vec, out, op=_op("max"))
         return out
 
     def _raw_all_reduce(self, x, op, out):
@@ -122,14 +122,6 @@ class MPIComm(Comm):
         buf = x.copy() if self.rank == root else np.empty_like(x)
         self._c.Bcast(buf, root=root)
         return buf
-
-    def _raw_gather_signature(self, sig):
-        out = np.empty((self.size,) + sig.shape, sig.dtype)
-        if self.polite:
-            self._wait(self._c.Iallgather(sig, out))
-        else:
-            self._c.Allgather(sig, out)
-        return out
 
     def _raw_barrier(self):
         pass    # the arrival exchange just before already waited for every member
@@ -170,7 +162,7 @@ class MPIComm(Comm):
         return MPIComm(sub, self.tracer, world_ranks, name, self.check, self.polite)
 
     def _raw_gather_objects(self, obj):
-        return self._c.allgather(obj)          # pickle-ok: cold path (end-of-run results)
+        return self._c.allgather(obj)          # pickle-ok: cold path (results, error reports)
 
 
 # ---------------------------------------------------------------- the job

@@ -101,8 +101,8 @@ class ThreadComm(Comm):
         self._mail_id = id(group)
 
     # ---------------------------------------------------------- collectives
-    def _raw_arrive(self, clock):
-        return self._raw_all_reduce(clock, "max", np.empty_like(clock))
+    def _raw_arrive(self, vec, sig):
+        return self._raw_all_reduce(vec, "max", np.empty_like(vec))
 
     def _raw_all_reduce(self, x, op, out):
         parts = self._group.exchange_begin(self.rank, x)
