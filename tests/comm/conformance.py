@@ -44,6 +44,33 @@ def check_all_reduce(comm):
             np.testing.assert_array_equal(y, np.max(parts, axis=0))
 
 
+def check_nan_propagation(comm):
+    """A NaN on one rank is NaN on every rank, for sum, max and min, blocking
+    and not (MPI's MAX/MIN alone give rank-dependent answers); inf is a value."""
+    p = comm.size
+    for dtype in (np.float64, np.float32):
+        for op in ("max", "min", "sum"):
+            for culprit in range(p):
+                x = np.array([1.0 + comm.rank, 2.0, -3.0, np.inf], dtype)
+                if comm.rank == culprit:
+                    x[0] = np.nan                       # element 0: NaN on one rank only
+                got = comm.all_reduce(x, op=op)
+                assert np.isnan(got[0]), (op, culprit, got)
+                assert not np.isnan(got[1:]).any(), (op, culprit, got)
+                want = {"max": [2.0, -3.0, np.inf], "min": [2.0, -3.0, np.inf],
+                        "sum": [2.0 * p, -3.0 * p, np.inf]}[op]
+                np.testing.assert_array_equal(got[1:], want)
+                y = x.copy()
+                comm.all_reduce(y, op=op, out=y)          # in place
+                np.testing.assert_array_equal(y, got)
+                np.testing.assert_array_equal(comm.iall_reduce(x, op=op).wait(), got)
+                # every rank holds the same answer, bit for bit
+                table = comm.all_gather(got.view(np.int64 if dtype == np.float64 else np.int32)[None])
+                assert (table == table[:1]).all(), table
+    # integers are untouched by the NaN logic
+    np.testing.assert_array_equal(comm.all_reduce(np.array([comm.rank]), op="max"), [p - 1])
+
+
 def check_all_gather(comm):
     shape = (2, 3, 4)
     parts = [contribution(r, shape, np.float64) for r in range(comm.size)]
@@ -208,7 +235,7 @@ def check_barrier_and_clock(comm):
     return t.sim_now
 
 
-CHECKS = [check_all_reduce, check_all_gather, check_reduce_scatter, check_broadcast,
+CHECKS = [check_all_reduce, check_nan_propagation, check_all_gather, check_reduce_scatter, check_broadcast,
           check_all_to_all_uneven, check_send_recv, check_non_contiguous, check_split,
           check_barrier_and_clock]
 
