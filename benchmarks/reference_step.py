@@ -1,12 +1,19 @@
 """One training step of the reference GPT in float32 on one BLAS thread.
 
     python benchmarks/reference_step.py [--steps 5] [--profile]
+    python benchmarks/reference_step.py --compare [REV]   # new / old kernels, one run
 
 Measures forward + backward + AdamW of the reference model (h=512, s=256, b=8,
 4 layers, 8 heads, vocab 65) and compares its model FLOP/s (3 × forward matmul
 FLOPs / step time) with a plain NumPy float32 matmul of comparable size measured in
 the same run.  The ratio says how much of the machine's matmul speed the
 hand-written NumPy model keeps (target ≥ 0.60).
+
+``--compare REV`` times today's kernels against those of ``simpar/nn/functional.py``
+at git revision ``REV`` (default: the last commit before the plain-math split), in
+one run: the old functions are loaded side by side and swapped in for the models'
+kernels on alternate steps, and the ratio of median step times new/old is printed
+(target ≤ 1.02).
 """
 import os
 
@@ -17,10 +24,13 @@ if "--no-tune-malloc" in os.sys.argv:           # import simpar tunes malloc unl
     os.environ["SIMPAR_TUNE_MALLOC"] = "0"
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import cProfile  # noqa: E402
 import pstats  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -28,8 +38,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import simpar  # noqa: E402
 from simpar.nn import GPT, GPTConfig  # noqa: E402
+from simpar.nn import functional as F  # noqa: E402
+from simpar.nn import kernels as K  # noqa: E402
 from simpar.optim import AdamW  # noqa: E402
 
+OLD_REV = "04a1a98"        # functional.py before the plain-math / kernels split
 CONFIG = GPTConfig(vocab_size=65, seq_len=256, n_layer=4, n_head=8, d_model=512)
 BATCH = 8
 
@@ -69,13 +82,78 @@ def make_step():
     return model, step
 
 
+# ------------------------------------------------------------ new / old kernels
+KERNEL_OF = {"gelu_fast": "gelu", "gelu_backward_fast": "gelu_backward",
+             "layernorm_forward_fast": "layernorm_forward",
+             "layernorm_backward_fast": "layernorm_backward",
+             "attention_forward_fast": "causal_attention_forward",
+             "attention_backward_fast": "causal_attention_backward"}
+
+
+def load_old_functional(rev: str) -> types.ModuleType:
+    """``simpar/nn/functional.py`` as it was at git revision ``rev``, as a module."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    src = subprocess.run(["git", "-C", root, "show", f"{rev}:simpar/nn/functional.py"],
+                         check=True, capture_output=True, text=True).stdout
+    mod = types.ModuleType("old_functional")
+    mod.__package__ = "simpar.nn"
+    exec(compile(src, f"{rev}:simpar/nn/functional.py", "exec"), mod.__dict__)
+    return mod
+
+
+@contextlib.contextmanager
+def old_kernels(old: types.ModuleType):
+    """Swap the old functions in for today's kernels and plain functions."""
+    swaps = [(K, new, getattr(old, name)) for new, name in KERNEL_OF.items()]
+    swaps += [(F, name, getattr(old, name)) for name in old.__all__ if hasattr(F, name)]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in swaps]
+    try:
+        for mod, name, fn in swaps:
+            setattr(mod, name, fn)
+        yield
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+def compare(rev: str, steps: int) -> None:
+    """Median step time with today's kernels over the old ones, alternating steps."""
+    old = load_old_functional(rev)
+    _, new_step = make_step()
+    _, old_step = make_step()
+    new_step()
+    with old_kernels(old):
+        old_step()                                    # warm-up both
+    t_new, t_old, losses = [], [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        losses.append(new_step())
+        t_new.append(time.perf_counter() - t0)
+        with old_kernels(old):
+            t0 = time.perf_counter()
+            losses.append(old_step())
+            t_old.append(time.perf_counter() - t0)
+    new, prev = float(np.median(t_new)), float(np.median(t_old))
+    print(f"reference GPT step, new kernels vs functional.py at {rev} ({steps} steps each, "
+          f"alternating)")
+    print(f"new  {new * 1e3:7.1f} ms  (" + ", ".join(f"{x * 1e3:.0f}" for x in t_new) + ")")
+    print(f"old  {prev * 1e3:7.1f} ms  (" + ", ".join(f"{x * 1e3:.0f}" for x in t_old) + ")")
+    print(f"loss new {losses[-2]:.6f}, old {losses[-1]:.6f}")
+    print(f"ratio new/old {new / prev:.3f}   (target <= 1.02)")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile summary")
     ap.add_argument("--no-tune-malloc", dest="tune", action="store_false",
                     help="keep glibc's default allocator thresholds")
+    ap.add_argument("--compare", nargs="?", const=OLD_REV, metavar="REV",
+                    help=f"time new vs old kernels in one run (default REV {OLD_REV})")
     args = ap.parse_args(argv)
+    if args.compare:
+        compare(args.compare, max(args.steps, 3))
+        return
 
     tuned = simpar.runtime._tuned
     model, step = make_step()

@@ -4,24 +4,28 @@ One home for the papers' formulas (DESIGN.md §6): the tests assert that the
 simulated clock, the tracer's bytes and the memory ledger equal these numbers;
 the demos and notebooks print and plot them next to the measured ones.
 
-=====================================  ==========================================  ==============================
-quantity                               formula                                     source
-=====================================  ==========================================  ==============================
-pipeline bubble, GPipe / 1F1B          (p−1)/m of ideal; (p−1)/(m+p−1) of step     Narayanan et al. 2021 §2.2.1
-interleaved 1F1B bubble                (p−1)/(v·m) of ideal                        Narayanan et al. 2021 §2.2.2
-zero-bubble idle time per rank         1F1B (p−1)(T_F+T_B+T_W);                    Qi et al. 2023, Table 2
-                                       ZB-H1 (p−1)(T_F+T_B−T_W)
-micro-batches in flight (rank r)       GPipe m; 1F1B min(p−r, m)                   Narayanan et al. 2021 §2.2.1
-Megatron TP elements per layer         8·b·s·h·(t−1)/t                             Shoeybi 2019 §3; Narayanan §3.2
-activation bytes per layer (16-bit)    sbh(34 + 5as/h); TP sbh(10+24/t+5as/(ht));  Korthikanti et al. 2022 Table 2
-                                       TP+SP sbh(34+5as/h)/t; recompute 2sbh,
-                                       selective+TP+SP 34sbh/t
-FLOPs per transformer layer            24bsh² + 4bs²h forward; backward 2×         Narayanan et al. 2021 appendix
-ZeRO memory (K = 12)                   16Ψ; 4Ψ+12Ψ/N; 2Ψ+14Ψ/N; 16Ψ/N              Rajbhandari et al. 2020 §5
-ZeRO communication per rank            2Ψ(N−1)/N (DP, ZeRO-1/2); 3Ψ(N−1)/N (-3)    Rajbhandari et al. 2020 §7
-data-parallel ring all-reduce          2Ψ(dp−1)/dp elements per rank               ring all-reduce (Patarasuk 2009)
-α-β collective times                   all-reduce 2(p−1)α + 2n(p−1)/p·β; ...       ring / pairwise (MPICH)
-=====================================  ==========================================  ==============================
+* pipeline bubble, GPipe / 1F1B: ``(p−1)/m`` of ideal, ``(p−1)/(m+p−1)`` of the
+  step (Narayanan et al. 2021 §2.2.1; Huang et al. 2019);
+* interleaved 1F1B: ``(p−1)/(v·m)`` of ideal (Narayanan et al. 2021 §2.2.2);
+* zero bubble, idle time per rank: 1F1B ``(p−1)(T_F+T_B+T_W)``, ZB-H1
+  ``(p−1)(T_F+T_B−T_W)`` (Qi et al. 2023, Table 2);
+* micro-batches in flight on rank r: GPipe ``m``, 1F1B ``min(p−r, m)``
+  (Narayanan et al. 2021 §2.2.1);
+* Megatron TP elements per layer per device: ``8·b·s·h·(t−1)/t`` (Shoeybi et al.
+  2019 §3; Narayanan et al. 2021 §3.2);
+* activation bytes per layer (16-bit): ``sbh(34 + 5as/h)``; TP
+  ``sbh(10 + 24/t + 5as/(ht))``; TP+SP ``sbh(34 + 5as/h)/t``; full recompute
+  ``2sbh``; selective + TP + SP ``34sbh/t`` (Korthikanti et al. 2022, Table 2, §5);
+* FLOPs per layer: ``24bsh² + 4bs²h`` forward, backward twice that (Narayanan et
+  al. 2021, appendix);
+* ZeRO memory (mixed-precision Adam, K = 12): ``16Ψ``; ``4Ψ + 12Ψ/N``;
+  ``2Ψ + 14Ψ/N``; ``16Ψ/N`` (Rajbhandari et al. 2020 §5, Table 1);
+* ZeRO communication per rank: ``2Ψ(N−1)/N`` (DP, ZeRO-1/2), ``3Ψ(N−1)/N``
+  (ZeRO-3) (Rajbhandari et al. 2020 §7); data-parallel ring all-reduce
+  ``2Ψ(dp−1)/dp``;
+* α-β collective times: all-reduce ``2(p−1)α + 2n(p−1)/p·β``, all-gather /
+  reduce-scatter / all-to-all ``(p−1)α + n(p−1)/p·β`` (ring / pairwise
+  algorithms; MPICH's cost comments, NCCL-tests bus bandwidth).
 
 Units are in each name: ``*_elements`` counts array elements, ``*_bytes``
 bytes, ``*_time`` seconds (or whatever unit the stage times are given in).

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import trace
 from . import functional as F
+from . import kernels as K
 from .module import Module, deferring_weight_grads, frozen
 
 INIT_STD = 0.02
@@ -80,14 +81,15 @@ class LayerNorm(Module):
         self.add_param("beta", np.zeros(h, dtype=dtype))
 
     def forward(self, x, key=0):
-        y, (xhat, rstd, _) = F.layernorm_forward(x, self.params["gamma"],
+        y, (xhat, rstd, _) = K.layernorm_forward_fast(x, self.params["gamma"],
                                                  self.params["beta"], self.eps)
         self._save(key, xhat=xhat, rstd=rstd)      # computed here: no copy needed
         return y
 
     def backward(self, dy, key=0):
         s = self._pop(key)
-        dx, dgamma, dbeta = F.layernorm_backward(dy, (s["xhat"], s["rstd"], self.params["gamma"]))
+        dx, dgamma, dbeta = K.layernorm_backward_fast(
+            dy, (s["xhat"], s["rstd"], self.params["gamma"]))
         self.grads["gamma"] += dgamma
         self.grads["beta"] += dbeta
         return dx
@@ -106,12 +108,12 @@ class MLP(Module):
     def forward(self, x, key=0):
         a = self.fc1.forward(x, key)
         self._save(key, a=a)
-        return self.fc2.forward(frozen(F.gelu(a)), key)
+        return self.fc2.forward(frozen(K.gelu_fast(a)), key)
 
     def backward(self, dy, key=0):
         dg = self.fc2.backward(dy, key)
         a = self._pop(key)["a"]
-        return self.fc1.backward(F.gelu_backward(dg, a, out=dg), key)   # dg is ours
+        return self.fc1.backward(K.gelu_backward_fast(dg, a, out=dg), key)   # dg is ours
 
 
 class CausalSelfAttention(Module):
@@ -133,7 +135,7 @@ class CausalSelfAttention(Module):
     def forward(self, x, key=0):
         h = self.h
         qkv = self.qkv.forward(x, key)
-        y, (q, k, v, att, _) = F.causal_attention_forward(
+        y, (q, k, v, att, _) = K.attention_forward_fast(
             qkv[..., :h], qkv[..., h:2 * h], qkv[..., 2 * h:], self.n_head)
         self._save(key, q=q, k=k, v=v, att=att)    # views of our own qkv buffer
         return self.proj.forward(frozen(y), key)
@@ -144,7 +146,7 @@ class CausalSelfAttention(Module):
         s = self._pop(key)
         scale = 1.0 / math.sqrt(h // self.n_head)
         dqkv = np.empty(dy.shape[:-1] + (3 * h,), dtype=dy.dtype)
-        F.causal_attention_backward(
+        K.attention_backward_fast(
             dy, (s["q"], s["k"], s["v"], s["att"], scale),
             out=(dqkv[..., :h], dqkv[..., h:2 * h], dqkv[..., 2 * h:]))
         return self.qkv.backward(dqkv, key)

@@ -1,4 +1,5 @@
-"""Pure forward/backward pairs: finite-difference gradients and independent references."""
+"""The plain-math forward/backward pairs of :mod:`simpar.nn.functional`: finite-difference
+gradients and independent references.  (Their fast kernels: ``test_kernels.py``.)"""
 import math
 
 import numpy as np
@@ -226,59 +227,3 @@ def test_cross_entropy_is_stable():
     assert np.all(np.isfinite(d)) and d.dtype == np.float32
     loss, _ = F.cross_entropy(np.zeros((2, 3, 7)), np.zeros((2, 3), dtype=int))
     assert loss == pytest.approx(math.log(7), rel=1e-12)
-
-
-# ------------------------------------------------ blocked loops: every path is taken
-@pytest.fixture
-def tiny_blocks(monkeypatch):
-    """Shrink the cache blocks so that small test arrays take many uneven blocks."""
-    monkeypatch.setattr(F, "_BLOCK", 7)
-    monkeypatch.setattr(F, "_ATT_BLOCK", 20)     # s = 3: 2 heads per group, uneven
-
-
-def _blocked_vs_whole(fn, monkeypatch):
-    whole = fn()
-    monkeypatch.setattr(F, "_BLOCK", 7)
-    monkeypatch.setattr(F, "_ATT_BLOCK", 20)
-    return whole, fn()
-
-
-def test_blocked_loops_match_whole_array(monkeypatch):
-    rng = np.random.default_rng(21)
-    x = rng.standard_normal((2, 3, 5))
-    dy = rng.standard_normal((2, 3, 5))
-    gamma, beta = rng.standard_normal(5), rng.standard_normal(5)
-    qkv = rng.standard_normal((2, 3, 15))
-
-    def everything():
-        y, cache = F.layernorm_forward(x, gamma, beta)
-        ya, ca = F.causal_attention_forward(qkv[..., :5], qkv[..., 5:10], qkv[..., 10:], 5)
-        return [F.gelu(x), F.gelu_backward(dy, x), y, *F.layernorm_backward(dy, cache),
-                ya, ca[3], *F.causal_attention_backward(dy, ca)]
-
-    whole, blocked = _blocked_vs_whole(everything, monkeypatch)
-    for a, b in zip(whole, blocked):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
-
-
-def test_blocked_attention_gradients(tiny_blocks):
-    rng = np.random.default_rng(22)
-    q, k, v = (rng.standard_normal((2, 3, 6)) for _ in range(3))
-    y, cache = F.causal_attention_forward(q, k, v, 3)
-    np.testing.assert_allclose(y, _naive_attention(q, k, v, 3), rtol=1e-10, atol=1e-12)
-    w = rng.standard_normal(y.shape)
-    grads = F.causal_attention_backward(w, cache)
-    f = _loss_of(lambda: F.causal_attention_forward(q, k, v, 3)[0], w)
-    for g, a, name in zip(grads, (q, k, v), "qkv"):
-        assert_grad_close(g, numerical_grad(f, a), name)
-
-
-def test_gelu_backward_in_place():
-    rng = np.random.default_rng(23)
-    x, dy = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
-    ref = F.gelu_backward(dy, x)
-    out = F.gelu_backward(dy, x, out=dy)
-    assert out is dy or np.shares_memory(out, dy)
-    np.testing.assert_array_equal(dy, ref)
-    with pytest.raises(ValueError):
-        F.gelu_backward(dy, x, out=np.empty((6, 4)).T)

@@ -19,6 +19,7 @@ from ... import trace
 from ...comm import Comm
 from ...nn import CausalSelfAttention
 from ...nn import functional as F
+from ...nn import kernels as K
 from ...nn.module import frozen
 from .layers import ColumnParallelLinear, RowParallelLinear, TensorParallelModule, check_divisible
 
@@ -66,7 +67,7 @@ class ParallelAttention(TensorParallelModule):
         qkv = self.qkv.forward(x, key)                 # (b, s, 3h/t) = [q_i | k_i | v_i]
         b, s = qkv.shape[0], qkv.shape[1]
         with trace.compute(f"{self.trace_name}.core.forward", flops=self._core_flops(b, s)):
-            y, (q, k, v, att, _) = F.causal_attention_forward(
+            y, (q, k, v, att, _) = K.attention_forward_fast(
                 qkv[..., :hl], qkv[..., hl:2 * hl], qkv[..., 2 * hl:], self.n_head_local)
         self._save(key, q=q, k=k, v=v, att=att)        # views of qkv, and P
         return self.proj.forward(frozen(y), key)
@@ -79,7 +80,7 @@ class ParallelAttention(TensorParallelModule):
         scale = 1.0 / math.sqrt(self.h // self.n_head)
         dqkv = np.empty((b, s, 3 * hl), dtype=dy.dtype)
         with trace.compute(f"{self.trace_name}.core.backward", flops=2 * self._core_flops(b, s)):
-            F.causal_attention_backward(
+            K.attention_backward_fast(
                 dy, (sv["q"], sv["k"], sv["v"], sv["att"], scale),
                 out=(dqkv[..., :hl], dqkv[..., hl:2 * hl], dqkv[..., 2 * hl:]))
         return self.qkv.backward(dqkv, key)

@@ -27,19 +27,19 @@ import numpy as np
 from ... import trace
 from ...comm import Comm
 from ...nn import MLP
-from ...nn import functional as F
+from ...nn import kernels as K
 from ...nn.module import frozen
 from .layers import ColumnParallelLinear, RowParallelLinear, TensorParallelModule, check_divisible
 
 
 def _gelu(a, name: str):
     with trace.compute(f"{name}.gelu.forward"):
-        return frozen(F.gelu(a))
+        return frozen(K.gelu_fast(a))
 
 
 def _gelu_backward(dg, a, name: str):
     with trace.compute(f"{name}.gelu.backward"):
-        return F.gelu_backward(dg, a)
+        return K.gelu_backward_fast(dg, a)
 
 
 class ParallelMLP(TensorParallelModule):
