@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from dataclasses import asdict, is_dataclass
 
@@ -25,7 +26,8 @@ import numpy as np
 from .data import CharTokenizer, get_batch, load_corpus, train_val_split
 from .optim import AdamW, clip_grad_norm
 
-__all__ = ["DEFAULT_MODEL", "default_config", "train_reference", "evaluate", "sample"]
+__all__ = ["DEFAULT_MODEL", "default_config", "train_reference", "evaluate", "sample",
+           "train", "build_reference"]
 
 #: The default reference model: small enough for a laptop core, big enough to learn words.
 DEFAULT_MODEL = dict(seq_len=64, n_layer=2, n_head=4, d_model=64)
@@ -189,22 +191,160 @@ def sample(model, tokenizer: CharTokenizer, prompt: str = "\n", n: int = 200,
     return tokenizer.decode(ids[len(prompt):] if prompt else ids[1:])
 
 
+# ================================================================ any layout
+def build_reference(vocab_size: int, seed: int = 0, dtype=np.float32, moe_experts: int = 0,
+                    moe_k: int = 1, groups: int = 1, **overrides):
+    """The reference model of a run: ``DEFAULT_MODEL`` (plus ``overrides``), a GPT
+    or — with ``moe_experts`` > 0 — an MoE GPT (``groups``: its routing groups)."""
+    from .nn import GPT
+    from .nn.moe_gpt import MoEGPT, MoEGPTConfig
+    cfg = default_config(vocab_size, **overrides)
+    if moe_experts:
+        from dataclasses import asdict as _asdict
+        cfg = MoEGPTConfig(**_asdict(cfg), n_experts=moe_experts, top_k=moe_k, groups=groups)
+        return MoEGPT(cfg, seed=seed, dtype=dtype)
+    return GPT(cfg, seed=seed, dtype=dtype)
+
+
+def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches: int = 1,
+          schedule: str = "1f1b", sequence_parallel: bool = False, moe_experts: int = 0,
+          moe_k: int = 1, lr: float = 5e-3, seed: int = 0, dtype=np.float32,
+          weight_decay: float = 0.0, warmup: int = 10, min_lr_frac: float = 0.1,
+          grad_clip: float | None = 1.0, overlap: bool = False, bucket_bytes: int = 1 << 20,
+          model: dict | None = None, corpus: str = "corpus", log_every: int = 0,
+          log=print) -> dict:
+    """Train on ``layout`` (a :class:`~simpar.comm.mesh.ParallelConfig`): every rank of
+    ``comm`` calls this.  ``batch_size`` is the **global** batch, so every layout
+    trains the same model on the same data and — for a dense GPT — prints the
+    same losses as :func:`train_reference` (to rounding).  Rank 0 logs.
+
+    Returns (on every rank) ``loss`` per step, ``sim_step`` (simulated seconds per
+    step), ``seconds``, ``tokens_per_s``, and ``model`` (this rank's
+    :class:`~simpar.parallel.hybrid.HybridModel`).  The tracer is reset before
+    the last step, so it holds that step's events (for a timeline)."""
+    from .comm.mesh import Mesh
+    from .parallel.hybrid import build_model
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("micro_batches", micro_batches)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {name}={v!r}")
+    if batch_size % (layout.dp * micro_batches):
+        raise ValueError(f"batch_size={batch_size} (global) is not divisible by dp={layout.dp} "
+                         f"x micro_batches={micro_batches} = {layout.dp * micro_batches}")
+    log = log if comm.rank == 0 else (lambda *a, **k: None)
+    text = load_corpus(corpus)
+    tok = CharTokenizer(text)
+    train_ids, _ = train_val_split(tok.encode(text), 0.9)
+    ref = build_reference(tok.vocab_size, seed, dtype, moe_experts, moe_k,
+                          groups=layout.dp * micro_batches, **(model or {}))
+    mesh = Mesh(comm, layout)
+    hybrid = build_model(ref, mesh, schedule=schedule, sequence_parallel=sequence_parallel,
+                         overlap=overlap, bucket_bytes=bucket_bytes)
+    del ref
+    opt = AdamW(hybrid.parameters(), lr=lr, weight_decay=weight_decay)
+    rng = np.random.default_rng(seed)
+    tracer = comm.tracer
+    losses, sims, t0 = [], [], time.perf_counter()
+    for step in range(steps):
+        x, y = get_batch(train_ids, batch_size, hybrid.config.seq_len, rng)   # same on every rank
+        if step == steps - 1:
+            tracer.reset()        # keep the last step's events only (clocks agree here)
+        s0, w0 = tracer.sim_now, time.perf_counter()
+        hybrid.zero_grad()
+        loss = hybrid.step(x, y, micro_batches)["loss"]
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step} (lr={lr})")
+        if grad_clip:
+            hybrid.clip_grad_norm(grad_clip)
+        opt.lr = _lr_at(step, steps, lr, warmup, min_lr_frac)
+        opt.step(hybrid.gradients())
+        losses.append(loss)
+        sims.append(tracer.sim_now - s0)
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            tps = x.size / (time.perf_counter() - w0)
+            log(f"step {step:5d} | loss {loss:.4f} | {tps:8.0f} tok/s | simulated step "
+                f"{sims[-1] * 1e3:.3f} ms ({tracer.cluster.name}) | {time.perf_counter() - t0:6.1f} s")
+    seconds = time.perf_counter() - t0
+    return {"loss": losses, "sim_step": sims, "seconds": seconds, "tokens": steps * x.size,
+            "tokens_per_s": steps * x.size / seconds, "model": hybrid, "tokenizer": tok}
+
+
+def _parser():
+    ap = argparse.ArgumentParser(
+        prog="python -m simpar train",
+        description="Train a character-level GPT on the shipped corpus on any layout "
+                    "dp x tp x pp (x ep): threads with the layout's world size, or the "
+                    "ranks of mpiexec.")
+    add = ap.add_argument
+    add("--dp", type=int, default=1, help="data-parallel degree (default 1)")
+    add("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    add("--pp", type=int, default=1, help="pipeline stages (default 1)")
+    add("--ep", type=int, default=1, help="expert-parallel degree, divides dp (default 1)")
+    add("--vpp", type=int, default=1, help="model chunks per pipeline rank (interleaved)")
+    add("--schedule", default=None, help="pipeline schedule: naive, gpipe, 1f1b, "
+        "interleaved, zb-h1 (default 1f1b; interleaved when --vpp > 1)")
+    add("--micro-batches", type=int, default=1, help="micro-batches per step (default 1)")
+    add("--sequence-parallel", action="store_true", help="sequence parallelism inside tp")
+    add("--moe-experts", type=int, default=0, help="MoE layers with this many experts (0: dense)")
+    add("--moe-k", type=int, default=1, help="experts per token (top-k, default 1)")
+    add("--overlap", action="store_true", help="overlap gradient all-reduces with backward")
+    add("--bucket-bytes", type=int, default=1 << 20, help="gradient bucket size (default 1 MiB)")
+    add("--steps", type=int, default=500, help="training steps (default 500)")
+    add("--batch-size", type=int, default=16, help="GLOBAL batch size (default 16)")
+    add("--lr", type=float, default=5e-3, help="peak learning rate (default 5e-3)")
+    add("--seed", type=int, default=0, help="model and data seed (default 0)")
+    add("--log-every", type=int, default=25, help="print every N steps (default 25)")
+    add("--float64", action="store_true", help="train in float64 (default float32)")
+    add("--cluster", default="a100", help="simulated cluster preset (default a100)")
+    add("--out", default="out", help="folder for the loss curve and timeline (default ./out)")
+    return ap
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m simpar.train",
-                                 description="Train the single-process reference GPT.")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--float64", action="store_true", help="train in float64")
-    args = ap.parse_args(argv)
-    out = train_reference(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          seed=args.seed, log_every=args.log_every,
-                          dtype=np.float64 if args.float64 else np.float32)
-    print("config:", asdict(out["config"]) if is_dataclass(out["config"]) else out["config"])
-    print("sample:", repr(sample(out["model"], out["tokenizer"], "The ", 120, 0.8)))
+    from . import sim, viz
+    from .comm import launch, launcher_size, run
+    from .comm.mesh import ParallelConfig
+    args = _parser().parse_args(argv)
+    layout = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp)
+    schedule = args.schedule or ("interleaved" if args.vpp > 1 else "1f1b")
+    cluster = sim.preset(args.cluster)
+    kw = dict(steps=args.steps, batch_size=args.batch_size, micro_batches=args.micro_batches,
+              schedule=schedule, sequence_parallel=args.sequence_parallel,
+              moe_experts=args.moe_experts, moe_k=args.moe_k, lr=args.lr, seed=args.seed,
+              dtype=np.float64 if args.float64 else np.float32, overlap=args.overlap,
+              bucket_bytes=args.bucket_bytes, log_every=args.log_every)
+
+    def job(comm):
+        out = train(comm, layout, **kw)
+        events = comm.gather_objects(comm.tracer.events)        # the last step, every rank
+        return {k: out[k] for k in ("loss", "sim_step", "seconds", "tokens_per_s")} | \
+            {"events": events if comm.rank == 0 else None}
+
+    if launcher_size() > 1:
+        results = run(job, cluster=cluster)
+    else:
+        print(layout.grid())
+        results = launch(job, layout.world_size, cluster=cluster)
+    out = results[0]
+    if init_rank() == 0:
+        label = f"dp{layout.dp} tp{layout.tp} pp{layout.pp} ep{layout.ep}"
+        os.makedirs(args.out, exist_ok=True)
+        viz.save(viz.loss_curves({label: out["loss"]}, "training loss"),
+                 os.path.join(args.out, "train_loss.png"))
+        viz.save(viz.timeline([e for r in out["events"] for e in r], f"last step, {label}"),
+                 os.path.join(args.out, "train_timeline.png"))
+        print(f"{label}: final loss {np.mean(out['loss'][-10:]):.4f}, "
+              f"{out['tokens_per_s']:.0f} tokens/s, simulated step "
+              f"{out['sim_step'][-1] * 1e3:.3f} ms; figures in {args.out}/")
     return out
+
+
+def init_rank() -> int:
+    """This process's rank under mpiexec (0 otherwise)."""
+    from .comm import init
+    if init() == "mpi":
+        from mpi4py import MPI
+        return MPI.COMM_WORLD.Get_rank()
+    return 0
 
 
 if __name__ == "__main__":

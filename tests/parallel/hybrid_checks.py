@@ -1,0 +1,116 @@
+"""Hybrid-parallel equivalence checks shared by the threads tests and the MPI script.
+
+:func:`train_layout` runs 20 AdamW steps with global-norm clipping of a 4-layer
+GPT (or MoE GPT) in float64 on one layout; :func:`reference_run` runs the same
+steps on one device; :func:`errors` compares per-step losses and final
+parameters (NaN-aware, :mod:`simpar.testing`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from simpar import trace
+from simpar.comm.mesh import Mesh, ParallelConfig
+from simpar.nn import GPT, GPTConfig
+from simpar.nn.moe_gpt import MoEGPT, MoEGPTConfig
+from simpar.optim import AdamW, clip_grad_norm
+from simpar.parallel.hybrid import build_model
+from simpar.testing import compare, rel_error
+
+VOCAB, SEQ, BATCH, STEPS, CLIP = 13, 8, 8, 20, 0.5
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    config: ParallelConfig
+    options: dict = field(default_factory=dict)
+    moe: bool = False
+    tied: bool = False
+    m: int = 2
+    n_layer: int = 4
+    batch: int = BATCH
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+
+P = ParallelConfig
+LAYOUTS = [
+    Layout("dp2", P(dp=2)),
+    Layout("dp3 (odd)", P(dp=3), m=1, batch=6),
+    Layout("dp4", P(dp=4)),
+    Layout("tp2xdp2", P(dp=2, tp=2)),
+    Layout("pp2xdp2", P(dp=2, pp=2)),
+    Layout("pp3 uneven (4 layers)", P(pp=3), m=4, n_layer=4),
+    Layout("tp2xpp2", P(tp=2, pp=2)),
+    Layout("dp2xtp2xpp2", P(dp=2, tp=2, pp=2)),
+    Layout("tp2+SPxpp2", P(tp=2, pp=2), {"sequence_parallel": True}),
+    Layout("interleaved vpp2 pp2xdp2", P(dp=2, pp=2, vpp=2), {"schedule": "interleaved"}),
+    Layout("tied pp2", P(pp=2), tied=True),
+    Layout("tied tp2xpp2xdp2", P(dp=2, tp=2, pp=2), tied=True),
+    Layout("zb-h1 pp2xdp2", P(dp=2, pp=2), {"schedule": "zb-h1"}, m=4),
+    Layout("overlap dp2xpp2, 1 KB buckets", P(dp=2, pp=2), {"overlap": True,
+                                                           "bucket_bytes": 1000}),
+    Layout("moe ep2 (dp2)", P(dp=2, ep=2), moe=True),
+    Layout("moe ep2 in dp4 (edp2)", P(dp=4, ep=2), moe=True),
+    Layout("moe tp2xep2", P(dp=2, tp=2, ep=2), moe=True),
+    Layout("moe pp2xep2, m=4", P(dp=2, pp=2, ep=2), moe=True, m=4),
+]
+BY_NAME = {lay.name: lay for lay in LAYOUTS}
+
+
+def make_reference(lay: Layout, groups: int = 1):
+    kw = dict(vocab_size=VOCAB, seq_len=SEQ, n_layer=lay.n_layer, n_head=4, d_model=16,
+              tie_weights=lay.tied)
+    if lay.moe:
+        return MoEGPT(MoEGPTConfig(**kw, n_experts=4, top_k=2, groups=groups), seed=1)
+    return GPT(GPTConfig(**kw), seed=1)
+
+
+def batches(lay: Layout):
+    rng = np.random.default_rng(7)
+    shape = (STEPS, lay.batch, SEQ)
+    return rng.integers(0, VOCAB, shape), rng.integers(0, VOCAB, shape)
+
+
+def reference_run(lay: Layout, groups: int | None = None):
+    """Losses per step and final parameters of the single-device run (MoE routing
+    groups = dp·m, one per data-parallel rank and micro-batch)."""
+    X, Y = batches(lay)
+    with trace.untraced():
+        model = make_reference(lay, lay.config.dp * lay.m if groups is None else groups)
+        opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        losses = []
+        for t in range(STEPS):
+            model.zero_grad()
+            losses.append(model.loss(X[t], Y[t]))
+            clip_grad_norm(model.gradients(), CLIP)
+            opt.step(model.gradients())
+    return np.array(losses), model.state_dict()
+
+
+def train_layout(comm, lay: Layout):
+    """Every rank: the same 20 steps on ``lay``; (losses, full parameters)."""
+    X, Y = batches(lay)
+    model = build_model(make_reference(lay, lay.config.dp * lay.m), Mesh(comm, lay.config),
+                        **lay.options)
+    opt = AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses = []
+    for t in range(STEPS):
+        model.zero_grad()
+        losses.append(model.step(X[t], Y[t], lay.m)["loss"])
+        model.clip_grad_norm(CLIP)
+        opt.step(model.gradients())
+    return np.array(losses), model.full_state("params")
+
+
+def errors(got, want) -> dict[str, float]:
+    """Relative errors of the per-step losses and of every final parameter."""
+    (losses, params), (ref_losses, ref_params) = got, want
+    if set(params) != set(ref_params):
+        raise AssertionError(f"parameter names differ: {sorted(set(params) ^ set(ref_params))}")
+    return {"loss": rel_error(losses, ref_losses), **compare(params, ref_params)}
