@@ -13,7 +13,8 @@ import os
 from typing import Any, Callable
 
 from .. import sim
-from .base import DTYPES, REDUCE_OPS, Comm, Request, WorldAborted, check_enabled
+from .base import (DTYPES, REDUCE_OPS, Comm, DeadlockError, Request, WorldAborted,
+                   check_enabled, watchdog_seconds)
 from .threads import ThreadComm, launch
 
 BACKENDS = ("auto", "threads", "mpi")
@@ -71,5 +72,5 @@ def run(fn: Callable[[Comm], Any], world_size: int | None = None, backend: str =
     return comm.gather_objects(result)
 
 
-__all__ = ["Comm", "ThreadComm", "Request", "WorldAborted", "launch", "run", "init",
+__all__ = ["Comm", "ThreadComm", "Request", "WorldAborted", "DeadlockError", "watchdog_seconds", "launch", "run", "init",
            "launcher_size", "DTYPES", "REDUCE_OPS", "check_enabled"]

@@ -55,6 +55,19 @@ class DeadlockError(RuntimeError):
     (or a wait outlived its limit).  The message lists what each rank waits for."""
 
 
+def watchdog_seconds() -> float:
+    """The longest a rank may wait for its peers before the job is reported
+    and ended: ``SIMPAR_WATCHDOG_S`` seconds, default 60; ``0`` or ``off``
+    turns the watchdog off (returns 0)."""
+    v = os.environ.get("SIMPAR_WATCHDOG_S", "60").strip().lower()
+    if v in ("", "0", "off", "none", "inf"):
+        return 0.0
+    try:
+        return max(float(v), 0.0)
+    except ValueError:
+        raise ValueError(f"SIMPAR_WATCHDOG_S={v!r} is not a number of seconds") from None
+
+
 def _fingerprint_text(text: str) -> int:
     """A 52-bit fingerprint of a string, the same in every process (``hash(str)``
     is salted per process)."""

@@ -12,13 +12,27 @@ results.  Messages go through mailboxes keyed by ``(src, dst, tag)``; as in
 MPI, receives are matched to messages in the order they were *posted*
 (``irecv``), not the order they are waited for.
 
-If any rank raises, the world is aborted: every barrier is broken and every
-mailbox waiter woken, so the other ranks raise :class:`WorldAborted` instead
-of hanging, and ``launch`` re-raises the first real error, naming its rank.
+If any rank raises, the world is aborted: every waiter is woken, so the other
+ranks raise :class:`WorldAborted` instead of hanging, and ``launch``
+re-raises the first real error, naming its rank.
+
+**Deadlocks are detected exactly**, without a timeout.  Every wait (a barrier
+of a collective, a receive) happens under one world lock and is registered
+with what would end it.  Whenever a rank starts to wait or finishes, the
+world checks: if every rank that has not finished waits for something that
+has not happened (a message not sent, a collective some member has not
+reached), no rank can ever make progress, and every waiting rank raises the
+same :class:`DeadlockError` listing what each rank waits for, e.g.
+``rank 0: recv from rank 1 tag 5 on world; rank 1: finished``.  A wait
+longer than ``SIMPAR_WATCHDOG_S`` seconds (default 60; 0 turns it off) while
+some rank still runs (a rank looping without communicating) raises the same
+kind of report.
 """
 from __future__ import annotations
 
 import copy
+import math
+import os
 import sys
 import threading
 import time
@@ -28,65 +42,167 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import sim, trace
-from .base import Comm, WorldAborted
+from .base import Comm, DeadlockError, WorldAborted, watchdog_seconds
 
 _REDUCE = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+_RELEASED = "another rank failed; this rank was released"
+_GRACE_SECONDS = 1.0        # launch: how long released ranks get to notice
 
 
 class _World:
-    """State shared by all ranks of one ``launch``: abort flag and mailboxes."""
+    """State shared by all ranks of one ``launch``: one lock, what each rank
+    waits for, the abort flag and the mailboxes."""
 
-    def __init__(self) -> None:
-        self.lock = threading.Condition()
+    def __init__(self, size: int, watchdog: float | None = None) -> None:
+        self.size = size
+        self.lock = threading.Lock()
+        self.mail = threading.Condition(self.lock)      # mailbox waiters
+        self.ended = threading.Condition(self.lock)     # launch: a rank finished
+        self.conditions: list[threading.Condition] = [self.mail, self.ended]
         self.aborted = False
-        self.barriers: list[threading.Barrier] = []
+        self.deadlock: str | None = None                # the report, once detected
+        # per world rank: None (running), "finished", "failed", or (describe, ready)
+        self.state: list[Any] = [None] * size
+        self.watchdog = watchdog_seconds() if watchdog is None else watchdog
         # channel -> messages by send number; channel -> receives posted so far
         self.mailboxes: dict[tuple, dict[int, np.ndarray]] = defaultdict(dict)
         self.sent: dict[tuple, int] = defaultdict(int)
         self.posted: dict[tuple, int] = defaultdict(int)
 
-    def new_barrier(self, n: int) -> threading.Barrier:
-        b = threading.Barrier(n)
+    def new_condition(self) -> threading.Condition:
+        c = threading.Condition(self.lock)
         with self.lock:
-            self.barriers.append(b)
-            if self.aborted:
-                b.abort()
-        return b
+            self.conditions.append(c)
+        return c
 
     def abort(self) -> None:
         with self.lock:
-            self.aborted = True
-            for b in self.barriers:
-                b.abort()
-            self.lock.notify_all()
+            self._abort_locked()
+
+    def _abort_locked(self) -> None:
+        self.aborted = True
+        for c in self.conditions:
+            c.notify_all()
+
+    def _raise_if_aborted(self) -> None:
+        if self.deadlock is not None:
+            raise DeadlockError(self.deadlock)
+        if self.aborted:
+            raise WorldAborted(_RELEASED)
+
+    # ------------------------------------------------ waiting, with detection
+    def block(self, rank: int, cond: threading.Condition, ready: Callable[[], bool],
+              describe: Callable[[], str]) -> None:
+        """Wait (holding ``self.lock``) on ``cond`` until ``ready()``.  Raises
+        DeadlockError if no rank can make progress, WorldAborted if another
+        rank failed."""
+        self._raise_if_aborted()
+        if ready():
+            return
+        self.state[rank] = (describe, ready)
+        try:
+            self._detect_locked()
+            t0 = time.monotonic()
+            while not ready():
+                self._raise_if_aborted()
+                if self.watchdog:
+                    left = t0 + self.watchdog - time.monotonic()
+                    if left <= 0:
+                        self._report_locked(f"rank {rank} waited more than "
+                                            f"{self.watchdog:g} s (SIMPAR_WATCHDOG_S)")
+                        self._raise_if_aborted()
+                    cond.wait(min(left, 3600.0))
+                else:
+                    cond.wait()
+        finally:
+            self.state[rank] = None
+
+    def finish(self, rank: int, failed: bool) -> None:
+        with self.lock:
+            self.state[rank] = "failed" if failed else "finished"
+            self.ended.notify_all()
+            if failed:
+                self._abort_locked()
+            else:
+                self._detect_locked()
+
+    def _detect_locked(self) -> None:
+        """Deadlock: every rank finished or waits for what has not happened."""
+        if self.aborted:
+            return
+        waiting = False
+        for s in self.state:
+            if s is None or s == "failed":
+                return                        # a running rank may still unblock the others
+            if s != "finished":
+                if s[1]():
+                    return                    # released, not yet awake
+                waiting = True
+        if waiting:
+            self._report_locked("deadlock: every rank waits for something no rank will do")
+
+    def _report_locked(self, why: str) -> None:
+        self.deadlock = f"{why}: " + self.describe_locked()
+        self._abort_locked()
+
+    def describe_locked(self) -> str:
+        parts = []
+        for r, s in enumerate(self.state):
+            if s is None:
+                what = "running (not in a simpar call)"
+            elif isinstance(s, str):
+                what = s
+            else:
+                what = s[0]()
+            parts.append(f"rank {r}: {what}")
+        return "; ".join(parts)
 
 
 class _Group:
     """Slots and a barrier for the members of one communicator."""
 
-    def __init__(self, world: _World, size: int) -> None:
+    def __init__(self, world: _World, size: int, world_ranks) -> None:
         self.world = world
         self.size = size
+        self.world_ranks = tuple(world_ranks)
         self.slots: list[Any] = [None] * size
-        self.barrier = world.new_barrier(size)
+        self.cond = world.new_condition()
+        self.generation = 0
+        self.arrived: list[int] = []
 
-    def wait(self) -> None:
-        try:
-            self.barrier.wait()
-        except threading.BrokenBarrierError:
-            raise WorldAborted("another rank failed; this rank was released") from None
+    def wait(self, rank: int, what: Callable[[], str] = lambda: "barrier",
+             name: str = "world") -> None:
+        """A barrier of the group's members (``rank``: this member's rank in it)."""
+        w = self.world
+        with w.lock:
+            w._raise_if_aborted()
+            gen = self.generation
+            self.arrived.append(rank)
+            if len(self.arrived) == self.size:
+                self.arrived = []
+                self.generation += 1
+                self.cond.notify_all()
+                return
 
-    def exchange_begin(self, rank: int, obj: Any) -> list:
+            def describe():
+                missing = [self.world_ranks[r] for r in range(self.size)
+                           if r not in self.arrived]
+                return (f"{what()} on {name} (waiting for rank"
+                        f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))})")
+            w.block(self.world_ranks[rank], self.cond, lambda: self.generation != gen, describe)
+
+    def exchange_begin(self, rank: int, obj: Any, what, name) -> list:
         """Publish ``obj`` and read everyone's; call ``wait()`` when done reading."""
         self.slots[rank] = obj
-        self.wait()
+        self.wait(rank, what, name)
         return list(self.slots)
 
-    def exchange(self, rank: int, obj: Any, read: Callable[[list], Any] = list) -> Any:
+    def exchange(self, rank: int, obj: Any, what, name, read: Callable[[list], Any] = list
+                 ) -> Any:
         """Publish ``obj``; return ``read(everyone's objs)``, computed before any
         rank may leave (and overwrite its input in place)."""
-        out = read(self.exchange_begin(rank, obj))
-        self.wait()
+        out = read(self.exchange_begin(rank, obj, what, name))
+        self.wait(rank, what, name)
         return out
 
 
@@ -99,22 +215,28 @@ class ThreadComm(Comm):
         self._group = group
         self._world = group.world
         self._mail_id = id(group)
+        self._sig: tuple = ("barrier", 0, None, ())
+        self._what = lambda: self._describe(self._sig)
+
+    def _exchange(self, obj, read=list):
+        return self._group.exchange(self.rank, obj, self._what, self.name, read)
 
     # ---------------------------------------------------------- collectives
     def _raw_arrive(self, vec, sig):
+        self._sig = sig
         return self._raw_all_reduce(vec, "max", np.empty_like(vec))
 
     def _raw_all_reduce(self, x, op, out):
-        parts = self._group.exchange_begin(self.rank, x)
+        parts = self._group.exchange_begin(self.rank, x, self._what, self.name)
         acc = parts[0].copy()                   # rank order: bit-identical on every rank
         for p in parts[1:]:
             _REDUCE[op](acc, p, out=acc)
-        self._group.wait()                      # all have read: out may alias x now
+        self._group.wait(self.rank, self._what, self.name)   # all have read: out may alias x
         np.copyto(out, acc)
         return out
 
     def _raw_all_gather(self, x):
-        return self._group.exchange(self.rank, x, np.stack)
+        return self._exchange(x, np.stack)
 
     def _raw_reduce_scatter(self, x):
         n = x.shape[0] // self.size
@@ -125,18 +247,17 @@ class ThreadComm(Comm):
             for p in parts[1:]:
                 out += p[lo:lo + n]
             return out
-        return self._group.exchange(self.rank, x, read)
+        return self._exchange(x, read)
 
     def _raw_broadcast(self, x, root):
-        return self._group.exchange(self.rank, x, lambda parts: parts[root].copy())
+        return self._exchange(x, lambda parts: parts[root].copy())
 
     def _raw_barrier(self):
-        self._group.wait()
+        self._group.wait(self.rank, self._what, self.name)
 
     def _raw_all_to_all_counts(self, counts):
-        return self._group.exchange(
-            self.rank, counts,
-            lambda table: np.array([row[self.rank] for row in table], dtype=np.int64))
+        return self._exchange(
+            counts, lambda table: np.array([row[self.rank] for row in table], dtype=np.int64))
 
     def _raw_all_to_all(self, x, send_counts, recv_counts):
         def read(parts):
@@ -145,7 +266,7 @@ class ThreadComm(Comm):
                 lo = int(cs[:self.rank].sum())
                 pieces.append(xs[lo:lo + int(cs[self.rank])])
             return np.concatenate(pieces, axis=0) if pieces else x[:0].copy()
-        return self._group.exchange(self.rank, (x, send_counts), read)
+        return self._exchange((x, send_counts), read)
 
     # ------------------------------------------------------- point-to-point
     def _channel(self, src: int, dst: int, tag: int, meta: bool) -> tuple:
@@ -155,11 +276,10 @@ class ThreadComm(Comm):
         w = self._world
         ch = self._channel(self.rank, dst, tag, meta)
         with w.lock:
-            if w.aborted:
-                raise WorldAborted("another rank failed; this rank was released")
+            w._raise_if_aborted()
             w.mailboxes[ch][w.sent[ch]] = x.copy()      # buffered (eager) send
             w.sent[ch] += 1
-            w.lock.notify_all()
+            w.mail.notify_all()
         return None
 
     def _raw_irecv(self, buf, src, tag, meta):
@@ -168,19 +288,22 @@ class ThreadComm(Comm):
         with w.lock:                                    # the ticket fixes the match, as MPI does
             ticket = w.posted[ch]
             w.posted[ch] += 1
-        return (buf, src, ch, ticket, meta)
+        return (buf, src, ch, ticket, meta, tag)
+
+    def _peer(self, r: int) -> str:
+        wr = self.world_ranks[r]
+        return f"rank {wr}" if self.name == "world" else f"rank {wr} ({self.name} rank {r})"
 
     def _raw_wait(self, handle):
         if handle is None:                      # sends complete at once
             return
-        buf, src, ch, ticket, meta = handle
+        buf, src, ch, ticket, meta, tag = handle
         w = self._world
         with w.lock:                # mailboxes are only touched under the lock
             box = w.mailboxes[ch]
-            while ticket not in box and not w.aborted:
-                w.lock.wait()
-            if ticket not in box:
-                raise WorldAborted("another rank failed; this rank was released")
+            w.block(self.world_ranks[self.rank], w.mail, lambda: ticket in box,
+                    lambda: f"recv from {self._peer(src)} tag {tag}"
+                            + (f" on {self.name}" if self.name != "world" else ""))
             msg = box.pop(ticket)
         if msg.shape != buf.shape or msg.dtype != buf.dtype:
             if meta:
@@ -193,70 +316,108 @@ class ThreadComm(Comm):
     def _raw_split(self, color, key, new_rank, world_ranks, name):
         # the lowest rank of each colour creates the shared group state
         leader = new_rank == 0
-        made = _Group(self._world, len(world_ranks)) if leader else None
-        offers = self._group.exchange(self.rank, (color, made))
+        made = _Group(self._world, len(world_ranks), world_ranks) if leader else None
+        offers = self._exchange((color, made))
         group = next(g for c, g in offers if c == color and g is not None)
         return ThreadComm(group, new_rank, world_ranks, self.tracer, name, self.check)
 
     def _raw_gather_objects(self, obj):
         # copies, as MPI's pickling gives: the owners may go on changing theirs
-        return self._group.exchange(self.rank, obj, copy.deepcopy)
+        return self._exchange(obj, copy.deepcopy)
+
+
+def default_timeout() -> float:
+    """``launch``'s wall-clock limit when none is given: ``SIMPAR_TIMEOUT_S``
+    seconds, default 1800 (0 or ``inf``: none).  Deadlocks do not need it
+    (they are detected at once); it ends runs that loop without communicating."""
+    v = os.environ.get("SIMPAR_TIMEOUT_S", "1800").strip().lower()
+    t = float(v) if v not in ("", "inf", "none", "off") else math.inf
+    return math.inf if t <= 0 else t
 
 
 def launch(fn: Callable[[Comm], Any], world_size: int = 4,
            cluster: sim.ClusterSpec | None = None, timeout: float | None = None,
-           check: bool | None = None) -> list:
+           check: bool | None = None, watchdog: float | None = None) -> list:
     """Run ``fn(comm)`` on ``world_size`` threads, one per rank; return the results.
 
     If a rank raises, the others are released and the first error is re-raised
-    with a note naming its rank.  ``timeout`` (seconds) turns a hang into a
-    ``TimeoutError`` naming the ranks that did not finish.
+    with a note naming its rank.  A deadlock raises :class:`DeadlockError` at
+    once, listing what each rank waits for (see the module docstring).
+    ``timeout`` (seconds, default :func:`default_timeout`, ``math.inf`` for
+    none) turns a run that never ends into a ``TimeoutError`` naming what each
+    rank is doing; ``watchdog`` (default ``SIMPAR_WATCHDOG_S``, 60 s) limits a
+    single wait.
     """
-    if not isinstance(world_size, (int, np.integer)) or world_size < 1:
+    if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) \
+            or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-    world = _World()
-    group = _Group(world, world_size)
+    if timeout is None:
+        timeout = default_timeout()
+    world = _World(world_size, watchdog)
+    group = _Group(world, world_size, range(world_size))
     results: list[Any] = [None] * world_size
     errors: list[tuple[int, BaseException]] = []
-    done = [False] * world_size
 
     def run(rank: int) -> None:
         tracer = trace.Tracer(rank, cluster)
         trace.activate(tracer)
         comm = ThreadComm(group, rank, range(world_size), tracer, check=check)
+        failed = True
         try:
             results[rank] = fn(comm)
+            failed = False
         except BaseException as e:          # noqa: BLE001 - reported by launch
             with world.lock:
                 errors.append((rank, e))
-            world.abort()
         finally:
-            done[rank] = True
+            world.finish(rank, failed)
             trace.activate(None)
 
     threads = [threading.Thread(target=run, args=(r,), name=f"simpar-rank{r}", daemon=True)
                for r in range(world_size)]
     for t in threads:
         t.start()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    for t in threads:
-        t.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
-        if t.is_alive():
-            stuck = [r for r in range(world_size) if not done[r]]
-            world.abort()
-            for u in threads:
-                u.join(1.0)
-            raise TimeoutError(f"simpar.launch: ranks {stuck} of {world_size} did not finish "
-                               f"within {timeout} s (deadlock?)")
+    deadline = time.monotonic() + timeout
+    left_behind: list[int] = []
+    with world.lock:
+        aborted_at = None
+        while True:
+            running = [r for r, st in enumerate(world.state) if st not in ("finished", "failed")]
+            if not running:
+                break
+            now = time.monotonic()
+            if world.aborted:
+                # a rank that never calls into simpar again cannot be released: give
+                # it a moment, then report without it (its thread is left behind)
+                aborted_at = now if aborted_at is None else aborted_at
+                if now - aborted_at > _GRACE_SECONDS and errors:
+                    left_behind = running
+                    break
+            if now >= deadline:
+                states = world.describe_locked()
+                world._abort_locked()
+                raise TimeoutError(f"simpar.launch: ranks {running} of {world_size} did not "
+                                   f"finish within {timeout:g} s: {states}")
+            wait = deadline - now
+            if world.aborted:
+                wait = min(wait, _GRACE_SECONDS / 4)
+            world.ended.wait(min(wait, 3600.0))
     real = [(r, e) for r, e in errors if not isinstance(e, WorldAborted)] or errors
     if real:
         rank, exc = real[0]
-        note = f"raised on rank {rank} of a {world_size}-rank simpar.launch world"
+        if isinstance(exc, DeadlockError):
+            note = f"detected in a {world_size}-rank simpar.launch world"
+        else:
+            note = f"raised on rank {rank} of a {world_size}-rank simpar.launch world"
         if hasattr(exc, "add_note"):
             exc.add_note(note)
         else:                                   # Python 3.10
             exc.__notes__ = [*getattr(exc, "__notes__", []), note]
         exc.simpar_rank = rank
+        if left_behind:
+            more = (f"ranks {left_behind} were still computing (never called into simpar "
+                    "again) and were left running in the background")
+            exc.add_note(more) if hasattr(exc, "add_note") else exc.__notes__.append(more)
         print(f"simpar.launch: {note}: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise exc
     return results

@@ -15,8 +15,8 @@ from simpar.comm import threads
 def test_inputs_reused_right_after_collective(kind, monkeypatch):
     orig = threads._Group.wait
 
-    def slow_rank0_wait(self):               # rank 0 leaves every barrier late
-        orig(self)
+    def slow_rank0_wait(self, *args):        # rank 0 leaves every barrier late
+        orig(self, *args)
         if threading.current_thread().name == "simpar-rank0":
             time.sleep(0.05)
     monkeypatch.setattr(threads._Group, "wait", slow_rank0_wait)
