@@ -1,8 +1,22 @@
-"""Pictures of a run: per-device timelines on the wall and simulated clocks.
+"""Every picture simpar draws, in one place.
 
-All functions take the events of every rank (``comm.gather_objects(tracer.events)``
-flattened, or ``[e for t in tracers for e in t.events]``) and return a
-matplotlib figure; ``save`` writes it as a PNG.
+* **timelines** of traced events, one row per rank, on the wall clock of this
+  machine and the simulated clock of a cluster: :func:`timeline`,
+  :func:`draw_timeline`, :func:`collective_timeline`;
+* **pipeline steps** from the executor's action records (boxes coloured by
+  micro-batch, hatched by kind): :func:`draw_pipeline`, :func:`pipeline_schedules`,
+  :func:`pipeline_timeline`, :func:`pipeline_bubble`;
+* **tensor parallelism**: bytes per layer (:func:`tp_comm_volume`) and saved
+  activations (:func:`tp_memory`) against the formulas;
+* **expert parallelism**: tokens per expert while training (:func:`expert_load`).
+
+Every function returns a matplotlib figure (or draws into an ``ax``); the demos
+only compute and print.  :func:`save` writes a PNG without a timestamp or
+version stamp, so a figure drawn from the same data (the simulated clock, the
+tracer's bytes, the memory ledger) is byte-identical run to run.
+
+Timeline functions take the events of every rank (``comm.gather_objects(tracer.events)``
+flattened with :func:`flatten`, or ``[e for t in tracers for e in t.events]``).
 """
 from __future__ import annotations
 
@@ -12,11 +26,17 @@ import matplotlib
 
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from . import formulas  # noqa: E402
 from .trace import Event  # noqa: E402
 
 COLORS = {"compute": "#4C72B0", "comm": "#DD8452", "idle": "#CCCCCC"}
+CLOCK_NAMES = {"wall": "wall clock (this machine)", "sim": "simulated clock"}
+# Written into every PNG instead of matplotlib's defaults: nothing that changes
+# from run to run or from one matplotlib version to the next.
+PNG_METADATA = {"Software": None}
 
 
 def _axis_scale(span: float) -> tuple[float, str]:
@@ -26,9 +46,22 @@ def _axis_scale(span: float) -> tuple[float, str]:
     return 1e9, "ns"
 
 
+def save(fig, path: str) -> str:
+    """Write ``fig`` as a PNG (deterministic metadata) and close it; returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110, metadata=PNG_METADATA)
+    plt.close(fig)
+    return path
+
+
+def flatten(per_rank: list[list[Event]]) -> list[Event]:
+    return [e for events in per_rank for e in events]
+
+
+# =================================================================== timelines
 def draw_timeline(ax, events: list[Event], clock: str = "sim", title: str = "") -> None:
     """One row per rank; compute, communication and idle time as coloured bars."""
-    if clock not in ("sim", "wall"):
+    if clock not in CLOCK_NAMES:
         raise ValueError(f"clock must be 'sim' or 'wall', got {clock!r}")
     if not events:
         ax.set_title(title + " (no events)")
@@ -54,6 +87,11 @@ def draw_timeline(ax, events: list[Event], clock: str = "sim", title: str = "") 
     ax.set_title(title)
 
 
+def _category_legend(fig) -> None:
+    fig.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items()],
+               loc="upper right", ncol=3, fontsize=8)
+
+
 def timeline(events: list[Event], title: str = "", clocks=("wall", "sim")):
     """A figure with one timeline per clock (wall clock of this machine and the
     simulated clock of the chosen cluster)."""
@@ -61,20 +99,302 @@ def timeline(events: list[Event], title: str = "", clocks=("wall", "sim")):
                                                       max(2, len({e.rank for e in events}))),
                              squeeze=False)
     for ax, clock in zip(axes[:, 0], clocks):
-        name = "wall clock (this machine)" if clock == "wall" else "simulated clock"
+        name = CLOCK_NAMES[clock]
         draw_timeline(ax, events, clock, f"{title} — {name}" if title else name)
-    fig.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items()],
-               loc="upper right", ncol=3, fontsize=8)
+    _category_legend(fig)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 
-def save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def collective_timeline(events: list[Event], title: str, labels: dict | None = None):
+    """:func:`timeline` on both clocks, with the first rank's collectives named
+    on the simulated clock (``labels`` maps an event name to its caption)."""
+    labels = labels or {}
+    fig, axes = plt.subplots(2, 1, figsize=(11, 2.0 + 1.5 * max(2, len({e.rank for e in events}))))
+    for ax, clock in zip(axes, ("wall", "sim")):
+        draw_timeline(ax, events, clock, f"{title} — {CLOCK_NAMES[clock]}")
+    ax = axes[1]
+    factor = _axis_scale(max(e.sim_end for e in events))[0]      # draw_timeline's unit
+    first = min(e.rank for e in events)
+    for e in events:
+        if e.category == "comm" and e.rank == first:
+            ax.annotate(labels.get(e.name, e.name),
+                        ((e.sim_start + e.sim_end) / 2 * factor, e.rank - 0.45),
+                        ha="center", va="bottom", fontsize=7, annotation_clip=False)
+    _category_legend(fig)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
 
 
-def flatten(per_rank: list[list[Event]]) -> list[Event]:
-    return [e for events in per_rank for e in events]
+# ============================================================ pipeline steps
+KIND_STYLE = {"F": dict(hatch="", alpha=1.0), "B": dict(hatch="///", alpha=0.75),
+              "I": dict(hatch="...", alpha=0.75), "W": dict(hatch="xxx", alpha=0.45)}
+KIND_NAMES = {"F": "F forward", "B": "B backward", "I": "I input grad", "W": "W weight grad"}
+SCHEDULE_LABELS = {"naive": "naive (one micro-batch at a time)", "gpipe": "GPipe",
+                   "1f1b": "1F1B (PipeDream-flush)", "interleaved": "interleaved 1F1B",
+                   "zb-h1": "ZB-H1 (zero bubble)"}
+
+
+def _record_times(r, clock: str) -> tuple[float, float]:
+    if clock not in CLOCK_NAMES:
+        raise ValueError(f"clock must be 'sim' or 'wall', got {clock!r}")
+    return (r.sim_start, r.sim_end) if clock == "sim" else (r.wall_start, r.wall_end)
+
+
+def mb_color(mb: int, m: int):
+    cmap = plt.get_cmap("tab10" if m <= 10 else "tab20")
+    return cmap(mb % cmap.N)
+
+
+def pipeline_legend():
+    """Legend patches for the hatches of :func:`draw_pipeline`."""
+    return [Patch(facecolor="white", edgecolor="black", hatch=KIND_STYLE[k]["hatch"],
+                  label=KIND_NAMES[k]) for k in KIND_STYLE]
+
+
+def draw_pipeline(ax, records, clock: str = "sim", title: str = "", labels: bool = True) -> None:
+    """One row per rank; each compute action of a pipeline step (the executor's
+    ``ActionRecord``\\ s of every rank) a box coloured by micro-batch, the kind
+    shown by the hatch (F plain, B ///, I ..., W xxx) and a label ``F3`` (with
+    the chunk, ``F3.1``, for interleaved schedules)."""
+    comp = [r for r in records if r.action.is_compute]
+    if not comp:
+        ax.set_title(title + " (no actions)")
+        return
+    t0 = min(_record_times(r, clock)[0] for r in records)
+    end = max(_record_times(r, clock)[1] for r in records) - t0
+    factor, unit = _axis_scale(end)
+    m = max(r.action.mb for r in comp) + 1
+    p = max(r.rank for r in records) + 1
+    chunks = max(r.action.stage // p for r in comp) + 1
+    for r in comp:
+        s, e = _record_times(r, clock)
+        x, w = (s - t0) * factor, (e - s) * factor
+        a = r.action
+        st = KIND_STYLE[a.kind]
+        ax.broken_barh([(x, w)], (r.rank - 0.42, 0.84), facecolors=mb_color(a.mb, m),
+                       alpha=st["alpha"], hatch=st["hatch"], edgecolor="black", linewidth=0.4)
+        text = f"{a.kind}{a.mb}" + (f".{a.stage // p}" if chunks > 1 else "")
+        if labels and w > end * factor * len(text) / 110:
+            ax.text(x + w / 2, r.rank, text, ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(p), [f"rank {r}" for r in range(p)])
+    ax.set_ylim(p - 0.5, -0.5)
+    ax.set_xlim(0, end * factor * 1.01)
+    ax.set_xlabel(f"{'simulated' if clock == 'sim' else 'wall-clock'} time ({unit})")
+    ax.set_title(title, fontsize=10)
+
+
+def pipeline_schedules(records: dict, bubbles: dict, vs: dict):
+    """One panel per schedule (``records[name]``: every rank's records of one
+    step) on the simulated clock, like the papers' schedule figures.  The
+    pipelined schedules share one time axis; the naive schedule, several times
+    longer, has its own, and its title says so."""
+    names = list(records)
+    p = max(r.rank for recs in records.values() for r in recs) + 1
+    fig, axes = plt.subplots(len(names), 1, figsize=(12, 1.1 + 1.15 * len(names) * p / 4 * 1.6),
+                             squeeze=False)
+    axes = axes[:, 0]
+    shared = [n for n in names if n != "naive"]
+    end = max((r.sim_end for n in shared for r in records[n]), default=0.0)
+    for ax, name in zip(axes, names):
+        recs = records[name]
+        label = SCHEDULE_LABELS.get(name, name)
+        if name == "interleaved":
+            label += f", v={vs[name]}"
+        m = max(r.action.mb for r in recs) + 1
+        own = " — own time axis, not to scale with the others" if name == "naive" and shared \
+            else ""
+        draw_pipeline(ax, recs, "sim", f"{label}: p={p}, m={m}, bubble {bubbles[name]:.0%} of "
+                      f"the step{own}")
+        if name != "naive" and end > 0:
+            ax.set_xlim(0, end * _axis_scale(end)[0] * 1.01)
+    fig.legend(handles=pipeline_legend(), loc="upper right", ncol=4, fontsize=8)
+    fig.suptitle("Pipeline schedules on the simulated clock (colour = micro-batch)", x=0.3,
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
+def pipeline_timeline(records, title: str = "1F1B step"):
+    """One pipeline step on the wall clock and the simulated clock."""
+    p = max(r.rank for r in records) + 1
+    fig, axes = plt.subplots(2, 1, figsize=(12, 1.5 + 1.4 * p))
+    for ax, clock in zip(axes, ("wall", "sim")):
+        draw_pipeline(ax, records, clock, f"{title} — {CLOCK_NAMES[clock]}", labels=False)
+    fig.legend(handles=pipeline_legend()[:2], loc="upper right", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
+# (schedule, v) -> label, colour, marker, line style; distinct markers and
+# dashes so that curves that coincide (1F1B and ZB-H1 at large m) stay visible.
+BUBBLE_STYLES = {("1f1b", 1): ("1F1B / GPipe", "C0", "o", "-"),
+                 ("interleaved", 2): ("interleaved v=2", "C1", "s", "--"),
+                 ("interleaved", 4): ("interleaved v=4", "C2", "^", "-."),
+                 ("zb-h1", 1): ("ZB-H1", "C3", "D", ":")}
+
+
+def pipeline_bubble(sweep: list, p: int):
+    """Left: bubble fraction over m and v, simulated (markers) against the
+    formulas (lines).  Right: micro-batches held by rank 0.  ``sweep`` rows:
+    ``(schedule, v, m, simulated bubble, formula, peak micro-batches held)``."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    n = len(BUBBLE_STYLES)
+    for i, ((name, v), (label, color, marker, ls)) in enumerate(BUBBLE_STYLES.items()):
+        pts = [(mm, f, fo) for nm, vv, mm, f, fo, _ in sweep if nm == name and vv == v]
+        if not pts:
+            continue
+        ms, fs, fos = (np.array(c, dtype=float) for c in zip(*pts))
+        shift = 2.0 ** (0.06 * (i - (n - 1) / 2))       # side by side on the log axis
+        ax.plot(ms * shift, fs, marker, color=color, mfc="none", mew=1.5, ms=7,
+                label=f"{label} (simulated clock)")
+        ax.plot(ms, fos, ls, color=color, alpha=0.8, lw=1.5, label=f"{label} (formula)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("micro-batches m (markers side by side)")
+    ax.set_ylabel("bubble fraction of the step")
+    ax.set_title(f"Bubble over m and v (p={p}; lines: (p−1)/(v·m+p−1), ZB-H1: Qi et al.)",
+                 fontsize=10)
+    ax.legend(fontsize=7)
+    for name, color, marker, ls in (("gpipe", "C4", "s", "--"), ("1f1b", "C0", "o", "-"),
+                                    ("zb-h1", "C3", "D", ":")):
+        pts = [(mm, pk) for nm, vv, mm, _, _, pk in sweep if nm == name]
+        if pts:
+            ms, pk = zip(*pts)
+            ax2.plot(ms, pk, marker=marker, ls=ls, color=color, mfc="none", label=name)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("micro-batches m")
+    ax2.set_ylabel("peak micro-batches held (rank 0, memory ledger)")
+    ax2.set_title("Memory: GPipe holds m, 1F1B at most p", fontsize=10)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ======================================================== tensor parallelism
+def tp_comm_volume(rows: list[dict], b: int, s: int, h: int, itemsize: int = 8):
+    """Bytes per layer per device (ring model): formulas as lines, traced as
+    markers.  ``rows``: ``{"t", "mlp bytes", "naive mlp bytes", "tp bytes",
+    "tp+sp bytes"}`` per tensor-parallel size."""
+    from .parallel.tensor import mlp_comm_elements
+    ts = np.arange(1, 9)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    kib = itemsize / 1024
+    tr = [r["t"] for r in rows]
+    ax1.plot(ts, [mlp_comm_elements(b, s, h, 4 * h, t, naive=True) * kib for t in ts],
+             color="#C44E52", label="naive: all-gather after each layer, 3bs(d_ff+h)(t−1)/t")
+    ax1.plot(ts, [mlp_comm_elements(b, s, h, 4 * h, t) * kib for t in ts],
+             color="#4C72B0", label="Megatron: column → row, 4bsh(t−1)/t")
+    ax1.plot(tr, [r["naive mlp bytes"] / 1024 for r in rows], "o", color="#C44E52",
+             label="traced, naive")
+    ax1.plot(tr, [r["mlp bytes"] / 1024 for r in rows], "o", color="#4C72B0",
+             label="traced, Megatron")
+    ax1.set_title("MLP, forward + backward")
+    ax2.plot(ts, [formulas.tp_layer_comm_elements(b, s, h, t) * kib for t in ts],
+             color="#4C72B0", label="8bsh(t−1)/t")
+    ax2.plot(tr, [r["tp bytes"] / 1024 for r in rows], "o", color="#4C72B0",
+             label="traced: 4 all-reduces")
+    ax2.plot(tr, [r["tp+sp bytes"] / 1024 for r in rows], "x", color="#DD8452", ms=10,
+             label="traced, sequence parallel:\n4 all-gathers + 4 reduce-scatters")
+    ax2.set_title("transformer layer, forward + backward")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("tensor-parallel size t")
+        ax.set_ylabel("KiB sent per device (ring model)")
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.45)
+    fig.suptitle(f"communication per device, b={b} s={s} h={h} float{8 * itemsize}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def tp_memory(rows: list[dict], b: int, s: int, h: int, a: int):
+    """Left: the memory ledger against simpar's formula (float64, the demo
+    layer; ``rows``: ``{"t", "tp saved", "tp+sp saved"}``).  Right: simpar's
+    formula in 16-bit bytes against Korthikanti et al. Table 2, GPT-3 175B layer."""
+    from .parallel.tensor import activation_elements
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ts = np.arange(1, 9)
+    for sp, color, name in ((False, "#4C72B0", "tp"), (True, "#DD8452", "tp+sp")):
+        ax1.plot(ts, [8 * activation_elements(b, s, h, a, t, sequence_parallel=sp) / 1024
+                      for t in ts], color=color, label=f"formula, {name}")
+        ax1.plot([r["t"] for r in rows], [r[f"{name} saved"] / 1024 for r in rows], "o",
+                 color=color, label=f"memory ledger, {name}")
+    ax1.set_title(f"simpar, this demo's layer (b={b} s={s} h={h} a={a}, float64)")
+    ax1.set_ylabel("KiB saved per layer per device")
+    B, S, H, A = 1, 2048, 12288, 96                      # GPT-3 175B, one sequence
+    for sp, color, name in ((False, "#4C72B0", "tp"), (True, "#DD8452", "tp+sp")):
+        ax2.plot(ts, [formulas.activation_bytes_per_layer(S, B, H, A, t, sp) / 2**30 for t in ts],
+                 "--", color=color, label=f"Korthikanti Table 2, {name}")
+        ax2.plot(ts, [2 * activation_elements(B, S, H, A, t, sequence_parallel=sp) / 2**30
+                      for t in ts], color=color, label=f"simpar (16-bit), {name}")
+    ax2.set_title("GPT-3 175B layer (s=2048 h=12288 a=96, b=1)")
+    ax2.set_ylabel("GiB saved per layer per device")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("tensor-parallel size t")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+# ======================================================== expert parallelism
+def load_ratio(loads: np.ndarray, last_fraction: float = 0.5) -> float:
+    """max/mean tokens per expert, per step and layer, averaged over the last
+    ``last_fraction`` of the steps and over the layers (1 = perfectly balanced).
+    ``loads``: ``(steps, layers, experts)`` token counts."""
+    tail = loads[int(len(loads) * (1 - last_fraction)):].astype(np.float64)
+    return float((tail.max(axis=-1) / tail.mean(axis=-1)).mean())
+
+
+def expert_load(runs: dict, layer: int = 0):
+    """Share of tokens per expert per step (stacked) for each run
+    (``runs[alpha]["loads"]``: ``(steps, layers, experts)``), and the max/mean
+    load ratio per step of every run."""
+    fig, axes = plt.subplots(1, len(runs) + 1, figsize=(5 * (len(runs) + 1), 4.2))
+    for ax, (alpha, r) in zip(axes[:-1], sorted(runs.items())):
+        loads = r["loads"][:, layer, :].astype(float)
+        steps = np.arange(len(loads))
+        ax.stackplot(steps, (loads / loads.sum(axis=1, keepdims=True)).T,
+                     labels=[f"expert {e}" for e in range(loads.shape[1])])
+        name = ("without load-balancing loss" if alpha == 0
+                else f"with load-balancing loss (α={alpha})")
+        ax.set_title(f"{name}\nmax/mean load {load_ratio(r['loads']):.2f}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"share of tokens per expert (layer {layer})")
+        ax.set_xlim(0, max(1, len(loads) - 1))
+        ax.set_ylim(0, 1)
+    axes[-2].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    ax = axes[-1]
+    for alpha, r in sorted(runs.items()):
+        loads = r["loads"].astype(float)
+        ratio = (loads.max(axis=-1) / loads.mean(axis=-1)).mean(axis=1)
+        w = max(1, len(ratio) // 20)
+        smooth = np.convolve(ratio, np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(len(smooth)) + w - 1, smooth,
+                label="α = 0 (no balancing)" if alpha == 0 else f"α = {alpha}")
+    ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+    ax.set_title("max/mean tokens per expert (mean over layers, smoothed)", fontsize=10)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(curves: dict, title: str = "training loss"):
+    """Loss per step of several runs on one plot (``{label: [loss, ...]}``); runs
+    that train the same model on the same data lie on top of each other, so
+    each gets its own marker and line style."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "v", "D", "x", "+", "*", "P", "h"]
+    for i, (label, losses) in enumerate(curves.items()):
+        ax.plot(range(len(losses)), losses, styles[i % len(styles)],
+                marker=markers[i % len(markers)], markevery=max(1, len(losses) // 8) + i % 3,
+                label=label, lw=1.2, ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig

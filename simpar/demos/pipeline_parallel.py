@@ -26,17 +26,17 @@ import os
 
 import numpy as np
 
-from .. import sim, viz
+from .. import sim, testing, viz
 from ..formulas import bubble_fraction as bubble_formula
-from .common import demo_parser, process_rank
+from .common import demo_parser, process_rank, progress, start
 from ..comm import Comm, run
 from ..data import CharTokenizer, get_batch, load_corpus
 from ..nn import GPT, GPTConfig
 from ..parallel.pipeline import (PipelineStage, format_schedule, gather_records,
                                  make_schedule, partition, run_schedule, stage_times, summarize)
-from ..parallel.pipeline.timeline import draw_pipeline, legend_handles
 
 SCHEDULE_V = {"naive": 1, "gpipe": 1, "1f1b": 1, "interleaved": 2, "zb-h1": 1}
+MEMORY = (150e6, 3e6, 2.7e6)        # bytes: base, per device, per device² (measured)
 
 
 # ------------------------------------------------------------------ building blocks
@@ -76,12 +76,20 @@ def reference_grads(cfg: GPTConfig, xs, ys, seed: int = 0):
     return loss, ref.gradients()
 
 
-def max_error(res, stages, ref_loss, ref_grads) -> float:
-    errs = [np.abs(g - ref_grads[k]).max() / (np.abs(ref_grads[k]).max() + 1e-300)
-            for st in stages.values() for k, g in st.gradients().items()]
+def stage_errors(res, stages, ref_loss, ref_grads) -> dict:
+    """Relative error of the loss (on the last stage) and of every gradient of
+    this rank's stages against the reference (NaN or inf: ``inf``)."""
+    errs = {}
+    for st in stages.values():
+        errs.update(testing.compare(st.gradients(), ref_grads))
     if res.loss is not None:
-        errs.append(abs(res.loss - ref_loss) / abs(ref_loss))
-    return float(max(errs))
+        errs["loss"] = testing.rel_error(res.loss, ref_loss)
+    return errs
+
+
+def max_error(res, stages, ref_loss, ref_grads) -> float:
+    """The largest of :func:`stage_errors` (``inf`` for any NaN)."""
+    return testing.worst(stage_errors(res, stages, ref_loss, ref_grads))
 
 
 def corpus_batches(cfg: GPTConfig, m: int, batch: int, seed: int = 0):
@@ -104,6 +112,7 @@ def main_rank(comm: Comm, m: int = 8, sweep: bool = True) -> dict:
     p = comm.size
     vocab = CharTokenizer(load_corpus()).vocab_size
     out = {"backend": comm.backend, "rows": [], "records": {}, "sweep": []}
+    progress(comm, f"running one step of each of the {len(SCHEDULE_V)} schedules ...")
     for name, v in SCHEDULE_V.items():
         mm = m if name != "interleaved" else max(p, m - m % p)
         # the same 4p − 1 blocks for every schedule: k = 4 per stage, 2 per chunk (v = 2)
@@ -111,13 +120,14 @@ def main_rank(comm: Comm, m: int = 8, sweep: bool = True) -> dict:
         xs, ys = corpus_batches(cfg, mm, batch=2)
         ref_loss, ref_grads = reference_grads(cfg, xs, ys)
         res, stages, recs = pipeline_step(comm, name, mm, v, cfg, sizes, xs, ys)
-        err = max(comm.gather_objects(max_error(res, stages, ref_loss, ref_grads)))
+        err = testing.worst_over_ranks(comm, stage_errors(res, stages, ref_loss, ref_grads))
         sim_f, formula = measured_fraction(name, recs, p, mm, v)
         wall_f = summarize(recs, "wall").bubble_fraction
         peaks = comm.gather_objects(res.peak_in_flight)
         out["rows"].append((name, mm, v, err, sim_f, formula, wall_f, peaks))
         out["records"][name] = recs
     if sweep:                                           # bubble over m and v
+        progress(comm, "sweeping the bubble over m and v (--no-sweep skips it) ...")
         cfg1, sizes1 = uniform_config(p, min_vocab=vocab)
         for name, v in (("1f1b", 1), ("gpipe", 1), ("interleaved", 2), ("interleaved", 4),
                         ("zb-h1", 1)):
@@ -130,6 +140,7 @@ def main_rank(comm: Comm, m: int = 8, sweep: bool = True) -> dict:
                 sim_f, formula = measured_fraction(name, recs, p, mm, v)
                 peak = max(comm.gather_objects(res.peak_in_flight))
                 out["sweep"].append((name, v, mm, sim_f, formula, peak))
+    progress(comm, "timing a float32 1F1B step on the wall clock ...\n")
     # a bigger float32 model for the wall clock
     cfg, sizes = uniform_config(p, k=2, h=64, d_ff=256, seq=64, n_head=4, min_vocab=vocab)
     xs, ys = corpus_batches(cfg, m, batch=4)
@@ -140,75 +151,6 @@ def main_rank(comm: Comm, m: int = 8, sweep: bool = True) -> dict:
     return out
 
 
-def schedules_figure(records: dict, p: int, m: int):
-    import matplotlib.pyplot as plt
-    names = list(records)
-    fig, axes = plt.subplots(len(names), 1, figsize=(12, 1.1 + 1.15 * len(names) * p / 4 * 1.6))
-    for ax, name in zip(np.atleast_1d(axes), names):
-        recs = records[name]
-        s = summarize(recs)
-        v = SCHEDULE_V[name]
-        label = {"naive": "naive (one micro-batch at a time)", "gpipe": "GPipe",
-                 "1f1b": "1F1B (PipeDream-flush)", "interleaved": f"interleaved 1F1B, v={v}",
-                 "zb-h1": "ZB-H1 (zero bubble)"}[name]
-        draw_pipeline(ax, recs, "sim", f"{label}: p={p}, m={max(r.action.mb for r in recs) + 1}"
-                      f", bubble {s.bubble_fraction:.0%} of the step")
-    # one time axis for the pipelined schedules (naive, 4x longer, keeps its own)
-    end = max(r.sim_end for n in names if n != "naive" for r in records[n])
-    from ..viz import _axis_scale
-    for ax, name in zip(np.atleast_1d(axes), names):
-        if name != "naive":
-            ax.set_xlim(0, end * _axis_scale(end)[0] * 1.01)
-    fig.legend(handles=legend_handles(), loc="upper right", ncol=4, fontsize=8)
-    fig.suptitle("Pipeline schedules on the simulated clock (colour = micro-batch)", x=0.3,
-                 fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    return fig
-
-
-def bubble_figure(sweep: list, p: int):
-    import matplotlib.pyplot as plt
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    styles = {("1f1b", 1): ("1F1B / GPipe", "C0"), ("interleaved", 2): ("interleaved v=2", "C1"),
-              ("interleaved", 4): ("interleaved v=4", "C2"), ("zb-h1", 1): ("ZB-H1", "C3")}
-    for (name, v), (label, color) in styles.items():
-        pts = [(mm, f, fo) for n, vv, mm, f, fo, _ in sweep if n == name and vv == v]
-        if not pts:
-            continue
-        ms, fs, fos = zip(*pts)
-        ax.plot(ms, fs, "o", color=color, label=f"{label} (simulated clock)")
-        ax.plot(ms, fos, "-", color=color, alpha=0.6, label=f"{label} (formula)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("micro-batches m")
-    ax.set_ylabel("bubble fraction of the step")
-    ax.set_title(f"Bubble over m and v (p={p}; lines: (p−1)/(v·m+p−1), ZB-H1: Qi et al.)",
-                 fontsize=10)
-    ax.legend(fontsize=7)
-    for name, color in (("gpipe", "C4"), ("1f1b", "C0"), ("zb-h1", "C3")):
-        pts = [(mm, pk) for n, vv, mm, _, _, pk in sweep if n == name]
-        if pts:
-            ms, pk = zip(*pts)
-            ax2.plot(ms, pk, "o-", color=color, label=name)
-    ax2.set_xscale("log", base=2)
-    ax2.set_xlabel("micro-batches m")
-    ax2.set_ylabel("peak micro-batches held (rank 0, memory ledger)")
-    ax2.set_title("Memory: GPipe holds m, 1F1B at most p", fontsize=10)
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def timeline_figure(recs, p: int):
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 1, figsize=(12, 1.5 + 1.4 * p))
-    for ax, clock, label in zip(axes, ("wall", "sim"), ("wall clock (this machine)",
-                                                         "simulated clock")):
-        draw_pipeline(ax, recs, clock, f"1F1B step, float32 GPT — {label}", labels=False)
-    fig.legend(handles=legend_handles()[:2], loc="upper right", ncol=2, fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    return fig
-
-
 def main(argv=None) -> None:
     ap = demo_parser("python -m simpar.demos.pipeline_parallel", __doc__, cluster="ideal",
                      cluster_help="simulated cluster (ideal: free links, so bubbles equal "
@@ -217,6 +159,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-sweep", action="store_true", help="skip the bubble sweep over m, v")
     args = ap.parse_args(argv)
     cluster = sim.preset(args.cluster)
+    start("pipeline parallelism", args, MEMORY)
     results = run(lambda c: main_rank(c, args.micro_batches, not args.no_sweep),
                   args.world_size, args.backend, cluster)
     if process_rank() != 0:
@@ -229,7 +172,7 @@ def main(argv=None) -> None:
     print(f"{'schedule':<12} {'m':>3} {'v':>2} {'max rel err':>12} {'sim bubble':>11} "
           f"{'formula':>8} {'wall bubble':>12}  micro-batches held per rank")
     for name, mm, v, err, sim_f, formula, wall_f, peaks in me["rows"]:
-        ok = "" if err <= 1e-10 else "  TOO LARGE"
+        ok = "" if testing.passed(err) else "  TOO LARGE"
         held = " ".join(f"{x:.3g}" for x in peaks)
         print(f"{name:<12} {mm:>3} {v:>2} {err:>12.2e} {sim_f:>11.4f} {formula:>8.4f} "
               f"{wall_f:>12.4f}  {held}{ok}")
@@ -245,12 +188,13 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     written = []
     if p == 4:
-        written.append(viz.save(schedules_figure(me["records"], p, args.micro_batches),
+        bubbles = {name: sim_f for name, _, _, _, sim_f, *_ in me["rows"]}
+        written.append(viz.save(viz.pipeline_schedules(me["records"], bubbles, SCHEDULE_V),
                                 os.path.join(args.out, "pp_schedules.png")))
     if me["sweep"]:
-        written.append(viz.save(bubble_figure(me["sweep"], p),
+        written.append(viz.save(viz.pipeline_bubble(me["sweep"], p),
                                 os.path.join(args.out, "pp_bubble.png")))
-    written.append(viz.save(timeline_figure(me["timeline"], p),
+    written.append(viz.save(viz.pipeline_timeline(me["timeline"], "1F1B step, float32 GPT"),
                             os.path.join(args.out, "pp_timeline.png")))
     print("\nwrote " + ", ".join(written) +
           ("" if p == 4 else "\n(pp_schedules.png is drawn for p = 4 only)"))

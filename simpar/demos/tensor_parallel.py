@@ -3,8 +3,8 @@
     python -m simpar.demos.tensor_parallel                 # 4 devices in one process
     mpiexec -n 4 python -m simpar.demos.tensor_parallel    # 4 MPI processes
 
-1. cuts a 2-layer GPT (the shipped corpus' 65-character vocabulary, not divisible
-   by 4: the vocabulary is padded) over ``tp`` = all devices, runs one training
+1. cuts a 2-layer GPT (the shipped corpus' character vocabulary, 66 characters,
+   not divisible by 4: the vocabulary is padded) over ``tp`` = all devices, runs one training
    step with tensor parallelism and with tensor + sequence parallelism, and prints
    the max relative error of logits, loss and every gradient against the
    single-device reference;
@@ -21,26 +21,18 @@ import os
 
 import numpy as np
 
-from .. import sim, trace, viz
-from .common import demo_parser, process_rank
+from .. import sim, testing, trace, viz
+from .common import demo_parser, process_rank, start
 from ..comm import Comm, run
 from ..data import CharTokenizer, get_batch, load_corpus
 from ..nn import GPT, MLP, GPTConfig, TransformerBlock
 from ..parallel.tensor import (NaiveTensorParallelMLP, ParallelGPT, ParallelMLP,
-                               ParallelTransformerBlock, activation_elements,
-                               korthikanti_activation_bytes, layer_comm_elements,
-                               mlp_comm_elements, ring_bytes)
+                               ParallelTransformerBlock, layer_comm_elements, ring_bytes)
 from ..parallel.tensor.mappings import split_along
 
 # the demo model: divisible by 1, 2, 3, 4 and 6 devices (hidden, heads, sequence)
 SEQ, BATCH, D_MODEL, N_HEAD, N_LAYER = 24, 4, 96, 12, 2
-
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-300))
-
+MEMORY = (150e6, 8e6, 0.2e6)         # bytes: base, per device, per device² (measured)
 
 GROUPS = (("logits", None), ("loss", None), ("embedding grads", ("wte", "wpe")),
           ("attention grads", (".attn.",)), ("MLP grads", (".mlp.",)),
@@ -72,10 +64,12 @@ def equivalence(comm: Comm) -> tuple[dict, list]:
         if not sp:
             step_events = list(comm.tracer.events)
         grads = par.full_gradients()
-        col = {"logits": rel_err(logits, logits_ref), "loss": rel_err(loss, loss_ref)}
+        col = {"logits": testing.rel_error(logits, logits_ref),
+               "loss": testing.rel_error(loss, loss_ref)}
+        grad_errors = testing.compare(grads, ref_grads)
         for group, keys in GROUPS[2:]:
             names = [n for n in ref_grads if any(n.startswith(k) or k in n for k in keys)]
-            col[group] = max((rel_err(grads[n], ref_grads[n]) for n in names), default=float("nan"))
+            col[group] = testing.worst([grad_errors[n] for n in names])
         errors["tp+sp" if sp else "tp"] = col
     return errors, step_events
 
@@ -125,76 +119,23 @@ def measure(comm: Comm) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------ figures
-def plot_comm_volume(rows: list[dict], b=BATCH, s=SEQ, h=D_MODEL, itemsize=8):
-    """Bytes per layer per device (ring model): formulas as lines, traced as dots."""
-    import matplotlib.pyplot as plt
-    ts = np.arange(1, 9)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    kib = itemsize / 1024
-    ax1.plot(ts, [mlp_comm_elements(b, s, h, 4 * h, t, naive=True) * kib for t in ts],
-             color="#C44E52", label="naive: all-gather after each layer, 3bs(d_ff+h)(t−1)/t")
-    ax1.plot(ts, [mlp_comm_elements(b, s, h, 4 * h, t) * kib for t in ts],
-             color="#4C72B0", label="Megatron: column → row, 4bsh(t−1)/t")
-    ax1.plot([r["t"] for r in rows], [r["naive mlp bytes"] / 1024 for r in rows], "o",
-             color="#C44E52", label="traced, naive")
-    ax1.plot([r["t"] for r in rows], [r["mlp bytes"] / 1024 for r in rows], "o",
-             color="#4C72B0", label="traced, Megatron")
-    ax1.set_title("MLP, forward + backward")
-    ax2.plot(ts, [layer_comm_elements(b, s, h, t) * kib for t in ts], color="#4C72B0",
-             label="8bsh(t−1)/t")
-    ax2.plot([r["t"] for r in rows], [r["tp bytes"] / 1024 for r in rows], "o",
-             color="#4C72B0", label="traced: 4 all-reduces")
-    ax2.plot([r["t"] for r in rows], [r["tp+sp bytes"] / 1024 for r in rows], "x",
-             color="#DD8452", ms=10,
-             label="traced, sequence parallel:\n4 all-gathers + 4 reduce-scatters")
-    ax2.set_title("transformer layer, forward + backward")
-    for ax in (ax1, ax2):
-        ax.set_xlabel("tensor-parallel size t")
-        ax.set_ylabel("KiB sent per device (ring model)")
-        ax.legend(fontsize=7, loc="upper left")
-        ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.45)
-    fig.suptitle(f"communication per device, b={b} s={s} h={h} float{8 * itemsize}", fontsize=10)
-    fig.tight_layout()
-    return fig
+# figures: simpar.viz.tp_comm_volume and simpar.viz.tp_memory (names kept for the notebook)
+def plot_comm_volume(rows: list[dict]):
+    return viz.tp_comm_volume(rows, BATCH, SEQ, D_MODEL)
 
 
-def plot_memory(rows: list[dict], b=BATCH, s=SEQ, h=D_MODEL, a=N_HEAD):
-    """Left: the ledger vs simpar's formula (float64, the demo layer).  Right:
-    simpar's formula in 16-bit bytes vs Korthikanti et al. Table 2, GPT-3 175B layer."""
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ts = np.arange(1, 9)
-    for sp, color, name in ((False, "#4C72B0", "tp"), (True, "#DD8452", "tp+sp")):
-        ax1.plot(ts, [8 * activation_elements(b, s, h, a, t, sequence_parallel=sp) / 1024
-                      for t in ts], color=color, label=f"formula, {name}")
-        ax1.plot([r["t"] for r in rows], [r[f"{name} saved"] / 1024 for r in rows], "o",
-                 color=color, label=f"memory ledger, {name}")
-    ax1.set_title(f"simpar, this demo's layer (b={b} s={s} h={h} a={a}, float64)")
-    ax1.set_ylabel("KiB saved per layer per device")
-    B, S, H, A = 1, 2048, 12288, 96                      # GPT-3 175B, one sequence
-    for sp, color, name in ((False, "#4C72B0", "tp"), (True, "#DD8452", "tp+sp")):
-        ax2.plot(ts, [korthikanti_activation_bytes(B, S, H, A, t, sp) / 2**30 for t in ts],
-                 "--", color=color, label=f"Korthikanti Table 2, {name}")
-        ax2.plot(ts, [2 * activation_elements(B, S, H, A, t, sequence_parallel=sp) / 2**30
-                      for t in ts], color=color, label=f"simpar (16-bit), {name}")
-    ax2.set_title("GPT-3 175B layer (s=2048 h=12288 a=96, b=1)")
-    ax2.set_ylabel("GiB saved per layer per device")
-    for ax in (ax1, ax2):
-        ax.set_xlabel("tensor-parallel size t")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    return fig
+def plot_memory(rows: list[dict]):
+    return viz.tp_memory(rows, BATCH, SEQ, D_MODEL, N_HEAD)
 
 
 # ------------------------------------------------------------------ driver
 def main_rank(comm: Comm) -> dict:
     errors, step_events = equivalence(comm)
     rows = measure(comm)
-    return {"errors": errors, "events": comm.gather_objects(step_events), "rows": rows,
+    # the worst over all ranks, NaN-aware (an MPI MAX reduction may drop a NaN)
+    worst = {c: {g: testing.worst_over_ranks(comm, v) for g, v in col.items()}
+             for c, col in errors.items()}
+    return {"errors": worst, "events": comm.gather_objects(step_events), "rows": rows,
             "backend": comm.backend}
 
 
@@ -208,18 +149,19 @@ def print_table(errors: dict) -> None:
 def main(argv=None) -> None:
     ap = demo_parser("python -m simpar.demos.tensor_parallel", __doc__)
     args = ap.parse_args(argv)
+    start("tensor parallelism", args, MEMORY)
     results = run(main_rank, args.world_size, args.backend, sim.preset(args.cluster))
     if process_rank() != 0:
         return
     n, me = len(results), results[0]
-    errors = {c: {g: max(r["errors"][c][g] for r in results) for g, _ in GROUPS}
-              for c in me["errors"]}
-    worst = max(v for col in errors.values() for v in col.values())
+    errors = me["errors"]
+    vocab = CharTokenizer(load_corpus()).vocab_size
     print(f"tensor parallelism: tp={n}, backend {me['backend']}\n")
-    print("1. one GPT training step (2 layers, vocabulary 65 padded to a multiple of tp), "
+    print(f"1. one GPT training step (2 layers, vocabulary {vocab} padded to a multiple of tp), "
           "max relative error vs the single-device reference (float64):")
     print_table(errors)
-    print(f"   {'OK' if worst <= 1e-10 else 'TOO LARGE'} (tolerance 1e-10)")
+    print(f"   {testing.verdict(errors[c][g] for c in errors for g in errors[c])} "
+          f"(tolerance {testing.TOL:g})")
     events = viz.flatten(me["events"])
     png = viz.save(viz.timeline(events, f"tensor-parallel GPT step, tp={n}"),
                    os.path.join(args.out, "tp_timeline.png"))
@@ -240,8 +182,10 @@ def main(argv=None) -> None:
               f"{formula / 1024:>10.0f}Ki {r['naive mlp bytes'] / 1024:>8.0f}Ki "
               f"{r['mlp bytes'] / 1024:>6.0f}Ki {r['tp saved'] / 1024:>8.0f}Ki "
               f"{r['tp+sp saved'] / 1024:>10.0f}Ki")
-    p1 = viz.save(plot_comm_volume(me["rows"]), os.path.join(args.out, "tp_comm_volume.png"))
-    p2 = viz.save(plot_memory(me["rows"]), os.path.join(args.out, "tp_memory.png"))
+    p1 = viz.save(viz.tp_comm_volume(me["rows"], BATCH, SEQ, D_MODEL),
+                  os.path.join(args.out, "tp_comm_volume.png"))
+    p2 = viz.save(viz.tp_memory(me["rows"], BATCH, SEQ, D_MODEL, N_HEAD),
+                  os.path.join(args.out, "tp_memory.png"))
     print(f"   wrote {p1} and {p2}")
 
 

@@ -1,5 +1,5 @@
 """Reading a pipeline step back from its action records: bubbles, per-stage times,
-the critical path, and pictures like the papers' schedule diagrams.
+the critical path (the pictures are drawn by :mod:`simpar.viz`).
 
 All functions take the :class:`~.executor.ActionRecord`\\ s of **every** rank (gather
 them with :func:`gather_records`) and a clock, ``"sim"`` (the simulated cluster)
@@ -113,51 +113,15 @@ def critical_path(records: list[ActionRecord]) -> CriticalPath:
 
 
 # ------------------------------------------------------------------- pictures
-KIND_STYLE = {"F": dict(hatch="", alpha=1.0), "B": dict(hatch="///", alpha=0.75),
-              "I": dict(hatch="...", alpha=0.75), "W": dict(hatch="xxx", alpha=0.45)}
-
-
-def mb_color(mb: int, m: int):
-    import matplotlib.pyplot as plt
-    cmap = plt.get_cmap("tab10" if m <= 10 else "tab20")
-    return cmap(mb % cmap.N)
-
-
+# Drawing lives in simpar.viz (one home for plots); these names stay for callers.
 def draw_pipeline(ax, records: list[ActionRecord], clock: str = "sim", title: str = "",
                   labels: bool = True) -> None:
-    """One row per rank; each compute action a box coloured by micro-batch, the
-    kind shown by the hatch (F plain, B ///, I ..., W xxx) and a label
-    ``F3`` (with the chunk, ``F3.1``, for interleaved schedules)."""
-    comp = [r for r in records if r.action.is_compute]
-    if not comp:
-        ax.set_title(title + " (no actions)")
-        return
-    t0 = min(_times(r, clock)[0] for r in records)
-    end = max(_times(r, clock)[1] for r in records) - t0
-    from ...viz import _axis_scale
-    factor, unit = _axis_scale(end)
-    m = max(r.action.mb for r in comp) + 1
-    p = max(r.rank for r in records) + 1
-    chunks = max(r.action.stage // p for r in comp) + 1
-    for r in comp:
-        s, e = _times(r, clock)
-        x, w = (s - t0) * factor, (e - s) * factor
-        a = r.action
-        st = KIND_STYLE[a.kind]
-        ax.broken_barh([(x, w)], (r.rank - 0.42, 0.84), facecolors=mb_color(a.mb, m),
-                       alpha=st["alpha"], hatch=st["hatch"], edgecolor="black", linewidth=0.4)
-        text = f"{a.kind}{a.mb}" + (f".{a.stage // p}" if chunks > 1 else "")
-        if labels and w > end * factor * len(text) / 110:
-            ax.text(x + w / 2, r.rank, text, ha="center", va="center", fontsize=6)
-    ax.set_yticks(range(p), [f"rank {r}" for r in range(p)])
-    ax.set_ylim(p - 0.5, -0.5)
-    ax.set_xlim(0, end * factor * 1.01)
-    ax.set_xlabel(f"{'simulated' if clock == 'sim' else 'wall-clock'} time ({unit})")
-    ax.set_title(title, fontsize=10)
+    """:func:`simpar.viz.draw_pipeline` (imported on first use: matplotlib is heavy)."""
+    from ...viz import draw_pipeline as draw
+    draw(ax, records, clock, title, labels)
 
 
 def legend_handles():
-    from matplotlib.patches import Patch
-    return [Patch(facecolor="white", edgecolor="black", hatch=KIND_STYLE[k]["hatch"],
-                  label={"F": "F forward", "B": "B backward", "I": "I input grad",
-                         "W": "W weight grad"}[k]) for k in KIND_STYLE]
+    """:func:`simpar.viz.pipeline_legend`."""
+    from ...viz import pipeline_legend
+    return pipeline_legend()
