@@ -91,6 +91,9 @@ class ExpertParallelMoE(Module):
         check_moe_config(h, n_experts, k, capacity_factor, drop_policy)
         check_expert_parallel(n_experts, comm.size)
         self.comm = comm
+        comm.agree("expert-parallel MoE layer (h, n_experts, d_ff, top_k, capacity factor, "
+                   "drop policy, balance and z coefficients)",
+                   (h, n_experts, d_ff, k, capacity_factor, drop_policy, balance_coef, z_coef))
         self.h, self.n_experts, self.k, self.d_ff = h, n_experts, k, d_ff
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.balance_coef, self.z_coef = balance_coef, z_coef

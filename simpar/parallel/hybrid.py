@@ -126,6 +126,11 @@ class HybridModel:
         self.overlap = bool(overlap)
         n_stages = cfg.pp * cfg.vpp
         bounds = partition(reference, n_stages, partition_by)
+        mesh.world.agree("hybrid layout (mesh, model, schedule, sequence parallel, layer "
+                         "split, buckets, overlap)",
+                         (cfg, repr(reference.config), schedule, self.sequence_parallel,
+                          tuple((b.start, b.stop) for b in bounds), self.bucket_bytes,
+                          self.overlap))
         mine = [s for s in range(n_stages) if s % cfg.pp == mesh.coords.pp]
         model = copy.deepcopy(reference) if cfg.tp == 1 else reference   # tp=1: pieces are its own
         tp = mesh.tp if cfg.tp > 1 else None
@@ -133,6 +138,7 @@ class HybridModel:
                                         self.sequence_parallel, mesh.ep) for s in mine}
         self.embedding = embedding_group(mesh, self.config.tie_weights)
         self._make_buckets()
+        self._synced = False
 
     # --------------------------------------------------------- parameters
     def _unique(self, which: str) -> dict[str, np.ndarray]:
@@ -152,6 +158,7 @@ class HybridModel:
     def zero_grad(self) -> None:
         for g in self.gradients().values():
             g.fill(0)
+        self._synced = False
 
     def moe_layers(self) -> list:
         return [m for s in sorted(self.stages) for m in self.stages[s].moe_layers()]
@@ -187,6 +194,12 @@ class HybridModel:
         if idx.shape[0] % (dp * m):
             raise ValueError(f"global batch size {idx.shape[0]} is not divisible by dp={dp} x "
                              f"micro_batches={m} = {dp * m}")
+        if self._synced:
+            raise RuntimeError("HybridModel.step() called again without zero_grad(): the "
+                               "summed gradients would be summed again; accumulate with "
+                               "micro_batches instead")
+        self.mesh.world.agree("global batch (token ids, the same on every rank)", idx)
+        self.mesh.world.agree("global targets", targets)
         for layer in self.moe_layers():
             layer.aux_scale = 1.0 / (dp * m)      # one routing group per (dp rank, micro-batch)
         schedule = make_schedule(self.schedule_name, self.mesh.config.pp, m,
@@ -204,6 +217,10 @@ class HybridModel:
 
     def sync_grads(self) -> None:
         """Sum every gradient over the group that replicates it (table above)."""
+        if self._synced:
+            raise RuntimeError("gradients already summed this step (sync_grads twice): "
+                               "call zero_grad() before the next step")
+        self._synced = True
         for b in self.buckets:                    # dp (dense), edp (experts)
             b.finish()
         if self.embedding is not None:            # tied wte: first + last stage

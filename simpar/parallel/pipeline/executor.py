@@ -118,6 +118,29 @@ def check_run_args(comm: Comm, schedule: Schedule, stages: Mapping[int, Pipeline
     validate(schedule)                       # deadlock-free and causal, or ScheduleError
 
 
+def check_split(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineStage]) -> None:
+    """The stages of all ranks must chain into one partition of the model's layers
+    (ranks cut with different splits would compute a wrong loss, silently).  One
+    small exchange, the first time a set of stages runs; the same ``ValueError``
+    naming each rank's split on every rank."""
+    if all(getattr(st, "split_checked", False) for st in stages.values()):
+        return
+    mine = {s: (st.layers.start, st.layers.stop) for s, st in stages.items()}
+    views = comm.gather_objects(mine)                  # cold path: once per set of stages
+    split = {}
+    for view in views:
+        split.update(view)
+    chained = [split[s][0] for s in range(1, schedule.n_stages)] == \
+        [split[s][1] for s in range(schedule.n_stages - 1)] and split[0][0] == 0
+    if not chained or sorted(split) != list(range(schedule.n_stages)):
+        shown = "; ".join(f"rank {r}: " + ", ".join(f"stage {s} = layers [{a}, {b})"
+                                                    for s, (a, b) in sorted(v.items()))
+                          for r, v in enumerate(views))
+        raise ValueError(f"pipeline ranks disagree on the layer split: {shown}")
+    for st in stages.values():
+        st.split_checked = True
+
+
 def run_schedule(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineStage],
                  inputs: Sequence, targets: Sequence, *, clobber_buffers: bool = False,
                  loss_tokens: int | None = None,
@@ -143,6 +166,10 @@ def run_schedule(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineSt
     each rank alone, before any message, so they cannot see another rank's).
     """
     check_run_args(comm, schedule, stages, inputs, targets)
+    comm.agree("pipeline step (schedule, micro-batch shapes, loss tokens)",
+               (schedule.name, schedule.p, schedule.m, schedule.n_stages,
+                tuple(np.shape(x) for x in inputs), loss_tokens))
+    check_split(comm, schedule, stages)
     ex = _Executor(comm, schedule, stages, inputs, targets, clobber_buffers, loss_tokens,
                    grads_ready)
     return ex.run()

@@ -124,11 +124,21 @@ class TensorParallelModule(Module):
 
     def finalize_grads(self) -> None:
         """Sum the sequence-parallel gradients over ``tp`` (no-op without SP).
-        Call once per step, after the last backward."""
+        Call once per step, after the last backward; a second call before
+        :meth:`zero_grad` would sum the first partial sums again and raises."""
+        if getattr(self, "_finalized", False) and self.sequence_parallel:
+            raise RuntimeError("finalize_grads() called twice in one step: the sequence-"
+                               "parallel gradients are already summed over tp (call it once, "
+                               "after the last backward; zero_grad() starts a new step)")
         allreduce_sequence_parallel_grads(self.sequence_parallel_grads(), self.tp)
         for _, m in self.named_modules():
             if isinstance(m, TensorParallelModule):
                 m._grads_pending = False
+        self._finalized = True
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        self._finalized = False
 
 
 # --------------------------------------------------------------- column parallel
