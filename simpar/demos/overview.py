@@ -4,9 +4,9 @@
     mpiexec -n 4 python -m simpar demo       # 4 MPI processes
 
 1. prints the device mesh of the world;
-2. every device runs the reference GPT forward/backward on its slice of one
-   batch, the gradients are averaged with an all-reduce, and the result is
-   compared with the same step done by one device on the whole batch;
+2. runs one step of the reference GPT on that mesh (tensor parallelism inside
+   each dp replica, gradients summed over dp) and compares every gradient with
+   the same step done by one device on the whole batch;
 3. times ``all_reduce`` for a few message sizes (wall clock of this machine and
    the simulated clock of the chosen cluster);
 4. draws the run as a timeline on both clocks and writes a Chrome trace.
@@ -19,10 +19,10 @@ import numpy as np
 
 from .. import sim, testing, trace, viz
 from ..comm import Comm, run
-from ..comm.mesh import ParallelConfig
+from ..comm.mesh import Mesh, ParallelConfig
 from ..data import CharTokenizer, get_batch, load_corpus
 from ..nn import GPT, GPTConfig
-from ..parallel.data import all_reduce_coalesced
+from ..parallel.hybrid import build_model
 from .common import demo_parser, process_rank, start
 
 # memory model (bytes): base, per device, per device² — every device also
@@ -37,8 +37,10 @@ def demo_config(world_size: int) -> ParallelConfig:
 
 
 def gradient_errors(comm: Comm, seq_len: int = 64, per_rank: int = 2) -> dict:
-    """Data-parallel gradient of one batch vs the single-device gradient: the
-    relative error of every parameter's gradient (NaN or inf: ``inf``)."""
+    """One step of the reference GPT on the printed mesh (:func:`demo_config`:
+    tensor parallelism inside, data parallelism across) vs the single-device
+    step on the whole batch: the relative error of every parameter's gradient
+    (NaN or inf: ``inf``)."""
     text = load_corpus()
     tok = CharTokenizer(text)
     ids = tok.encode(text)
@@ -47,14 +49,12 @@ def gradient_errors(comm: Comm, seq_len: int = 64, per_rank: int = 2) -> dict:
     with trace.untraced():                           # the single-device reference
         ref = GPT(cfg, seed=0)
         ref.loss(x, y)
-
-    model = GPT(cfg, seed=0)                         # same seed: same weights everywhere
-    mine = slice(comm.rank * per_rank, (comm.rank + 1) * per_rank)
-    model.loss(x[mine], y[mine])                     # mean over my tokens
-    # average the gradients over equal shards: one all-reduce of one flat bucket
-    grads = model.gradients()
-    all_reduce_coalesced(list(grads.values()), comm)
-    return testing.compare({k: g / comm.size for k, g in grads.items()}, ref.gradients())
+    # same seed: same weights everywhere; each rank keeps its shards of the layout
+    model = build_model(GPT(cfg, seed=0), Mesh(comm, demo_config(comm.size)))
+    model.step(x, y)                                 # the global batch; grads summed over dp
+    with trace.untraced():
+        grads = model.full_state("grads")            # reference shapes, for the comparison
+    return testing.compare(grads, ref.gradients())
 
 
 def reference_step(comm: Comm, seq_len: int = 64, per_rank: int = 2) -> float:
@@ -99,15 +99,16 @@ def main(argv=None) -> None:
     print(f"simpar demo: {n} devices, backend {me['backend']}, simulated cluster: {cluster.name}\n")
     print(me["config"].grid())
     worst = me["err"]
-    print(f"\n1. reference GPT step, data-parallel over {n} devices vs one device on the "
-          f"whole batch:\n   max relative gradient error {worst:.2e} "
+    c = me["config"]
+    print(f"\n1. reference GPT step on the mesh above (dp={c.dp} x tp={c.tp}) vs one device "
+          f"on the whole batch:\n   max relative gradient error {worst:.2e} "
           f"({testing.verdict(worst)}; float64)")
     print("\n2. all_reduce (float32), median of 5 calls")
     print(f"   {'size':>8} {'wall clock here':>16} {'simulated':>12}")
     for nbytes, wall, simt in me["bench"]:
         print(f"   {nbytes >> 10:>5} KiB {wall * 1e6:>13.1f} µs {simt * 1e6:>9.1f} µs")
     os.makedirs(args.out, exist_ok=True)
-    png = viz.save(viz.timeline(me["events"], f"data-parallel GPT step, {n} devices"),
+    png = viz.save(viz.timeline(me["events"], f"GPT step, dp={c.dp} x tp={c.tp}"),
                    os.path.join(args.out, "demo_timeline.png"))
     js = os.path.join(args.out, "demo_trace.json")
     trace.to_chrome(me["events"], js)
