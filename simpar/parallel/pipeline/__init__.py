@@ -4,9 +4,9 @@ Read in this order:
 
 * :mod:`.schedules` — ``Action`` (``F``, ``B``, ``I``, ``W``, ``SEND_*``/``RECV_*``),
   the generators ``naive``, ``gpipe``, ``one_f_one_b``, ``interleaved_one_f_one_b``,
-  ``zero_bubble_h1`` and ``format_schedule`` (the "0F1" grid);
+  ``zero_bubble_h1`` (plain data; imports nothing of the package);
 * :mod:`.validate` — ``validate`` / ``simulate``: deadlock freedom, causality and
-  timing of a schedule without a model;
+  timing of a schedule without a model; ``format_schedule`` (the "0F1" grid);
 * :mod:`.stage` — ``partition`` a GPT into stages, ``PipelineStage``;
 * :mod:`.executor` — ``run_schedule``: one rank dispatching its actions;
 * :mod:`.timeline` — bubbles, per-stage times, critical path, schedule pictures.
@@ -19,12 +19,11 @@ A whole step in a few lines (every rank)::
     result = run_schedule(comm, sch, stages, inputs, targets)
 """
 from .executor import ActionRecord, StepResult, run_schedule
-from .schedules import (SCHEDULES, Action, Schedule, format_schedule, gpipe,
-                        interleaved_one_f_one_b, make_schedule, naive, one_f_one_b,
-                        zero_bubble_h1)
+from .schedules import (SCHEDULES, Action, Schedule, gpipe, interleaved_one_f_one_b,
+                        make_schedule, naive, one_f_one_b, zero_bubble_h1)
 from .stage import PipelineStage, build_stages, partition, stages_for_rank
 from .timeline import critical_path, draw_pipeline, gather_records, stage_times, summarize
-from .validate import ScheduleError, SimResult, simulate, validate
+from .validate import ScheduleError, SimResult, format_schedule, simulate, validate
 
 __all__ = [
     "Action", "Schedule", "SCHEDULES", "make_schedule", "format_schedule",

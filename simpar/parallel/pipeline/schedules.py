@@ -1,9 +1,10 @@
 """Pipeline schedules as plain data (DESIGN.md §5).
 
 A schedule says, for every rank of the pipeline, which actions it performs and in
-which order.  Nothing here runs a model: a schedule can be printed
-(:func:`format_schedule`), proved deadlock-free (:mod:`.validate`) and timed
-(:func:`.validate.simulate`) before the executor (:mod:`.executor`) ever runs it.
+which order.  Nothing here runs a model, and this module imports nothing of the
+package: a schedule can be proved deadlock-free, timed and printed as a step ×
+rank grid (:mod:`.validate`: ``validate``, ``simulate``, ``format_schedule``)
+before the executor (:mod:`.executor`) ever runs it.
 
 Stages and ranks.  The model is cut into ``n_stages = p · v`` stages; stage ``s``
 lives on rank ``s % p`` as its model *chunk* ``s // p`` (Narayanan et al. 2021,
@@ -116,7 +117,11 @@ class Schedule:
         return [a for a in self.actions[rank] if a.is_compute]
 
     def __str__(self) -> str:
-        return format_schedule(self)
+        """Each rank's action list, one line per rank (the timed step × rank grid
+        is :func:`.validate.format_schedule`)."""
+        head = f"{self.name}: p={self.p} m={self.m}" + (f" v={self.v}" if self.v > 1 else "")
+        return "\n".join([head] + [f"r{r}: " + " ".join(map(str, acts))
+                                   for r, acts in enumerate(self.actions)])
 
 
 # ------------------------------------------------------------------ checks
@@ -296,41 +301,3 @@ def make_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
     if v != 1:
         raise ValueError(f"schedule {name!r} has one model chunk per rank; got v={v}")
     return SCHEDULES[name](p, m)
-
-
-# ------------------------------------------------------------------ printing
-UNIT_TIMES = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}   # a full backward = two forwards
-
-
-def format_schedule(schedule: Schedule, durations: dict | None = None,
-                    time_axis: str = "rows") -> str:
-    """The schedule as a step × rank grid of compute actions ("0F1" = stage 0,
-    forward, micro-batch 1; "." = idle).
-
-    Steps come from :func:`.validate.simulate` with unit times (``F = I = W = 1``,
-    ``B = 2``: a full backward costs two forwards) and free messages, so the grid
-    shows where each rank waits.  ``time_axis="columns"`` draws time left to right,
-    like the papers' figures."""
-    from .validate import simulate                  # (validate imports this module)
-    if time_axis not in ("rows", "columns"):
-        raise ValueError(f"time_axis must be 'rows' or 'columns', got {time_axis!r}")
-    res = simulate(schedule, durations or UNIT_TIMES)
-    steps = int(round(res.makespan))
-    grid = [["." for _ in range(schedule.p)] for _ in range(steps)]
-    for rec in res.records:
-        if rec.action.is_compute:
-            for t in range(int(round(rec.start)), int(round(rec.end))):
-                grid[t][rec.rank] = str(rec.action)
-    w = max([len(c) for row in grid for c in row] + [4]) + 1
-    title = (f"{schedule.name}: p={schedule.p} m={schedule.m}"
-             + (f" v={schedule.v}" if schedule.v > 1 else "")
-             + f", {steps} steps (F=1, B=2, I=W=1)")
-    if time_axis == "rows":
-        lines = [title, "step".ljust(5) + "".join(f"r{r}".rjust(w) for r in range(schedule.p))]
-        lines += [str(t).ljust(5) + "".join(c.rjust(w) for c in row) for t, row in enumerate(grid)]
-    else:
-        lines = [title]
-        lines += [f"r{r}".ljust(4) + "".join(grid[t][r].rjust(w) for t in range(steps))
-                  for r in range(schedule.p)]
-    return "\n".join(lines)
-

@@ -23,6 +23,8 @@ position and the action when a schedule
   exactly one ``F`` and either one ``B`` or one ``I`` and one ``W``; so every
   micro-batch's loss (the ``F`` of the last stage) is computed exactly once.
 
+:func:`format_schedule` draws the timed result as a step × rank grid.
+
 ``sends="blocking"`` checks the stricter model where a send also waits until
 the receiver reaches the matching receive (rendezvous, like a large MPI ``Send``).
 """
@@ -31,7 +33,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from .schedules import UNIT_TIMES, Action, Schedule
+from .schedules import Action, Schedule
+
+UNIT_TIMES = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}   # a full backward = two forwards
 
 
 class ScheduleError(ValueError):
@@ -127,146 +131,228 @@ def simulate(schedule: Schedule, durations: Durations | None = None,
     by default) or a function ``(rank, action) -> seconds``.  ``transfer``: the
     time of one message (or a function of its ``SEND`` action).  ``sends``:
     ``"nonblocking"`` (posted, the executor's model) or ``"blocking"``.
+
+    The steps: check the structure (:func:`_check_structure`), then let every
+    rank run until it must wait, round after round (:meth:`_Playback.run`); a
+    round in which no rank moves is a deadlock.
     """
     if sends not in ("nonblocking", "blocking"):
         raise ValueError(f"sends must be 'nonblocking' or 'blocking', got {sends!r}")
-    durations = UNIT_TIMES if durations is None else durations
     _check_structure(schedule)
-    sch, p, n = schedule, schedule.p, schedule.n_stages
-    pc = [0] * p                        # next action of each rank
-    clock = [0.0] * p
-    done: dict = {}                     # (kind, mb, stage) -> end time (compute)
-    posted: dict = {}                   # message id -> arrival time, until received
-    received: set = set()
-    in_flight = [0] * p
-    peak = [0] * p
-    busy = [0.0] * p
-    records: list[Record] = []
-
-    def msg_of(a: Action):
-        """The message a comm action carries: (direction, micro-batch, receiving stage)."""
-        if a.kind == "SEND_F":
-            return ("F", a.mb, a.stage + 1)
-        if a.kind == "RECV_F":
-            return ("F", a.mb, a.stage)
-        if a.kind == "SEND_B":
-            return ("B", a.mb, a.stage - 1)
-        return ("B", a.mb, a.stage)
-
-    def backward_done(mb: int, s: int):
-        return done.get(("B", mb, s), done.get(("I", mb, s)))
-
-    def fail(r: int, why: str) -> None:
-        a = sch.actions[r][pc[r]]
-        raise ScheduleError(f"{sch.name}: rank {r} action {pc[r]} ({a}): {why}")
-
-    def try_step(r: int) -> bool:
-        """Execute rank r's next action if it can; False if it must wait."""
-        a = sch.actions[r][pc[r]]
-        k, mb, s = a.kind, a.mb, a.stage
-        start = clock[r]
-        if k == "F":
-            if s > 0:
-                if sch.rank_of(s - 1) == r:
-                    if ("F", mb, s - 1) not in done:
-                        fail(r, f"input of stage {s} not computed yet (F{mb} of stage {s - 1} "
-                                f"on this rank comes later)")
-                    start = max(start, done[("F", mb, s - 1)])
-                elif ("F", mb, s) not in received:
-                    fail(r, "forward input was not received (no RECV_F before it)")
-        elif k in ("B", "I"):
-            if ("F", mb, s) not in done:
-                fail(r, "backward before its forward")
-            if s < n - 1:
-                if sch.rank_of(s + 1) == r:
-                    t = backward_done(mb, s + 1)
-                    if t is None:
-                        fail(r, f"output gradient not computed yet (backward of stage {s + 1} "
-                                f"on this rank comes later)")
-                    start = max(start, t)
-                elif ("B", mb, s) not in received:
-                    fail(r, "output gradient was not received (no RECV_B before it)")
-        elif k == "W":
-            if ("I", mb, s) not in done:
-                fail(r, "weight gradient before its input gradient (W before I)")
-        elif k in ("SEND_F", "SEND_B"):
-            dst_stage = s + 1 if k == "SEND_F" else s - 1
-            if not 0 <= dst_stage < n:
-                fail(r, f"no stage {dst_stage} to send to")
-            if sch.rank_of(dst_stage) == r:
-                fail(r, f"send to stage {dst_stage} on the same rank (no message needed)")
-            if k == "SEND_F" and ("F", mb, s) not in done:
-                fail(r, "sends an activation not computed yet")
-            if k == "SEND_B" and backward_done(mb, s) is None:
-                fail(r, "sends a gradient not computed yet")
-            msg = msg_of(a)
-            if msg in posted or msg in received:
-                fail(r, "message sent twice")
-            if sends == "blocking":
-                if not _receiver_waiting(msg):
-                    return False                          # rendezvous: wait for the receiver
-                clock[r] = max(clock[r], clock[sch.rank_of(msg[2])])
-                start = clock[r]
-            t_transfer = transfer(a) if callable(transfer) else float(transfer)
-            posted[msg] = clock[r] + t_transfer
-        else:                                             # RECV_F / RECV_B
-            src_stage = s - 1 if k == "RECV_F" else s + 1
-            if not 0 <= src_stage < n:
-                fail(r, f"no stage {src_stage} to receive from")
-            if sch.rank_of(src_stage) == r:
-                fail(r, f"receive from stage {src_stage} on the same rank")
-            msg = msg_of(a)
-            if msg in received:
-                fail(r, "message received twice")
-            if msg not in posted:
-                return False                              # blocked: wait for the sender
-            clock[r] = max(clock[r], posted.pop(msg))
-            received.add(msg)
-        if a.is_compute:
-            key = (k, mb, s)
-            if key in done:
-                fail(r, "computed twice")
-            dur = _duration(durations, r, a)
-            clock[r] = start + dur
-            busy[r] += dur
-            done[key] = clock[r]
-            if k == "F":
-                in_flight[r] += 1
-                peak[r] = max(peak[r], in_flight[r])
-            elif k in ("B", "W"):
-                in_flight[r] -= 1
-        records.append(Record(r, pc[r], a, start, clock[r]))
-        pc[r] += 1
-        return True
-
-    def _receiver_waiting(msg) -> bool:
-        """Rendezvous: is the receiving rank at the matching RECV right now?"""
-        _, mb, stage = msg
-        dst = sch.rank_of(stage)
-        if pc[dst] >= len(sch.actions[dst]):
-            return False
-        b = sch.actions[dst][pc[dst]]
-        return b.kind.startswith("RECV") and msg_of(b) == msg
-
-    while True:
-        moved = False
-        for r in range(p):
-            while pc[r] < len(sch.actions[r]) and try_step(r):
-                moved = True
-        if all(pc[r] == len(sch.actions[r]) for r in range(p)):
-            break
-        if not moved:
-            stuck = "; ".join(f"rank {r} waits at action {pc[r]} ({sch.actions[r][pc[r]]})"
-                              for r in range(p) if pc[r] < len(sch.actions[r]))
-            raise ScheduleError(f"{sch.name}: deadlock ({sends} sends): {stuck}")
-    if posted:
-        lost = ", ".join(f"{d}{mb}->stage {s}" for d, mb, s in sorted(posted))
-        raise ScheduleError(f"{sch.name}: messages sent but never received: {lost}")
-    makespan = max(clock) if clock else 0.0
-    return SimResult(sch, records, makespan, busy, peak, len(received))
+    play = _Playback(schedule, UNIT_TIMES if durations is None else durations, transfer, sends)
+    play.run()
+    return SimResult(schedule, play.records, max(play.clock, default=0.0), play.busy,
+                     play.peak, len(play.received))
 
 
 def validate(schedule: Schedule, sends: str = "nonblocking") -> SimResult:
     """Check ``schedule`` (see the module docstring); returns the unit-time
     :class:`SimResult` or raises :class:`ScheduleError`."""
     return simulate(schedule, sends=sends)
+
+
+def _message(a: Action) -> tuple:
+    """The message a comm action carries: (direction, micro-batch, receiving stage)."""
+    if a.kind == "SEND_F":
+        return ("F", a.mb, a.stage + 1)
+    if a.kind == "SEND_B":
+        return ("B", a.mb, a.stage - 1)
+    return (a.kind[-1], a.mb, a.stage)                # RECV_F / RECV_B: this stage
+
+
+class _Playback:
+    """Every rank's state while :func:`simulate` plays a schedule.
+
+    Each ``_start_*`` method checks that rank ``r`` may execute its next action
+    and returns the time the action starts, or ``None`` if the rank must wait
+    (for a message, or for its receiver under blocking sends)."""
+
+    def __init__(self, sch: Schedule, durations: Durations, transfer, sends: str) -> None:
+        self.sch, self.durations, self.transfer, self.sends = sch, durations, transfer, sends
+        p = sch.p
+        self.pc = [0] * p                       # next action of each rank
+        self.clock = [0.0] * p
+        self.busy = [0.0] * p
+        self.in_flight, self.peak = [0] * p, [0] * p
+        self.done: dict = {}                    # (kind, mb, stage) -> end time (compute)
+        self.posted: dict = {}                  # message -> arrival time, until received
+        self.received: set = set()
+        self.records: list[Record] = []
+        self.start_of = {"F": self._start_forward, "B": self._start_backward,
+                         "I": self._start_backward, "W": self._start_weight,
+                         "SEND_F": self._start_send, "SEND_B": self._start_send,
+                         "RECV_F": self._start_recv, "RECV_B": self._start_recv}
+
+    # ------------------------------------------------------------ the loop
+    def finished(self, r: int) -> bool:
+        return self.pc[r] == len(self.sch.actions[r])
+
+    def run(self) -> None:
+        """Rounds over the ranks until all are done; a round without a move is a
+        deadlock; a message left unreceived at the end is an error."""
+        ranks = range(self.sch.p)
+        while not all(self.finished(r) for r in ranks):
+            moved = False
+            for r in ranks:
+                while not self.finished(r) and self.step(r):
+                    moved = True
+            if not moved:
+                stuck = "; ".join(f"rank {r} waits at action {self.pc[r]} "
+                                  f"({self.sch.actions[r][self.pc[r]]})"
+                                  for r in ranks if not self.finished(r))
+                raise ScheduleError(f"{self.sch.name}: deadlock ({self.sends} sends): {stuck}")
+        if self.posted:
+            lost = ", ".join(f"{d}{mb}->stage {s}" for d, mb, s in sorted(self.posted))
+            raise ScheduleError(f"{self.sch.name}: messages sent but never received: {lost}")
+
+    def step(self, r: int) -> bool:
+        """Execute rank ``r``'s next action if it can; False if it must wait."""
+        a = self.sch.actions[r][self.pc[r]]
+        start = self.start_of[a.kind](r, a)
+        if start is None:
+            return False
+        if a.is_compute:
+            self._compute(r, a, start)
+        self.records.append(Record(r, self.pc[r], a, start, self.clock[r]))
+        self.pc[r] += 1
+        return True
+
+    def fail(self, r: int, why: str) -> None:
+        a = self.sch.actions[r][self.pc[r]]
+        raise ScheduleError(f"{self.sch.name}: rank {r} action {self.pc[r]} ({a}): {why}")
+
+    # ---------------------------------------------------------- compute
+    def _backward_done(self, mb: int, s: int):
+        return self.done.get(("B", mb, s), self.done.get(("I", mb, s)))
+
+    def _start_forward(self, r: int, a: Action) -> float:
+        """``F`` needs its input: computed earlier on this rank, or received."""
+        mb, s, start = a.mb, a.stage, self.clock[r]
+        if s == 0:
+            return start
+        if self.sch.rank_of(s - 1) == r:
+            if ("F", mb, s - 1) not in self.done:
+                self.fail(r, f"input of stage {s} not computed yet (F{mb} of stage {s - 1} "
+                             f"on this rank comes later)")
+            return max(start, self.done[("F", mb, s - 1)])
+        if ("F", mb, s) not in self.received:
+            self.fail(r, "forward input was not received (no RECV_F before it)")
+        return start
+
+    def _start_backward(self, r: int, a: Action) -> float:
+        """``B``/``I`` need their forward and their output gradient."""
+        mb, s, start = a.mb, a.stage, self.clock[r]
+        if ("F", mb, s) not in self.done:
+            self.fail(r, "backward before its forward")
+        if s == self.sch.n_stages - 1:
+            return start
+        if self.sch.rank_of(s + 1) == r:
+            t = self._backward_done(mb, s + 1)
+            if t is None:
+                self.fail(r, f"output gradient not computed yet (backward of stage {s + 1} "
+                             f"on this rank comes later)")
+            return max(start, t)
+        if ("B", mb, s) not in self.received:
+            self.fail(r, "output gradient was not received (no RECV_B before it)")
+        return start
+
+    def _start_weight(self, r: int, a: Action) -> float:
+        if ("I", a.mb, a.stage) not in self.done:
+            self.fail(r, "weight gradient before its input gradient (W before I)")
+        return self.clock[r]
+
+    def _compute(self, r: int, a: Action, start: float) -> None:
+        """Advance the clock by the action's duration; count micro-batches held."""
+        key = (a.kind, a.mb, a.stage)
+        if key in self.done:
+            self.fail(r, "computed twice")
+        dur = _duration(self.durations, r, a)
+        self.clock[r] = start + dur
+        self.busy[r] += dur
+        self.done[key] = self.clock[r]
+        if a.kind == "F":
+            self.in_flight[r] += 1
+            self.peak[r] = max(self.peak[r], self.in_flight[r])
+        elif a.kind in ("B", "W"):
+            self.in_flight[r] -= 1
+
+    # ---------------------------------------------------------- messages
+    def _check_peer(self, r: int, a: Action, peer: int, verb: str) -> None:
+        if not 0 <= peer < self.sch.n_stages:
+            self.fail(r, f"no stage {peer} to {verb}")
+        if self.sch.rank_of(peer) == r:
+            self.fail(r, f"{verb} stage {peer} on the same rank (no message needed)")
+
+    def _start_send(self, r: int, a: Action) -> float | None:
+        """Post the message (arrives ``transfer`` later); under blocking sends,
+        first wait until the receiver stands at the matching receive."""
+        k, mb, s = a.kind, a.mb, a.stage
+        self._check_peer(r, a, s + 1 if k == "SEND_F" else s - 1, "send to")
+        if k == "SEND_F" and ("F", mb, s) not in self.done:
+            self.fail(r, "sends an activation not computed yet")
+        if k == "SEND_B" and self._backward_done(mb, s) is None:
+            self.fail(r, "sends a gradient not computed yet")
+        msg = _message(a)
+        if msg in self.posted or msg in self.received:
+            self.fail(r, "message sent twice")
+        if self.sends == "blocking":
+            if not self._receiver_waiting(msg):
+                return None
+            self.clock[r] = max(self.clock[r], self.clock[self.sch.rank_of(msg[2])])
+        t = self.transfer(a) if callable(self.transfer) else float(self.transfer)
+        self.posted[msg] = self.clock[r] + t
+        return self.clock[r]
+
+    def _start_recv(self, r: int, a: Action) -> float | None:
+        """Wait for the message; continue at ``max(own time, arrival)``."""
+        self._check_peer(r, a, a.stage - 1 if a.kind == "RECV_F" else a.stage + 1,
+                         "receive from")
+        msg = _message(a)
+        if msg in self.received:
+            self.fail(r, "message received twice")
+        if msg not in self.posted:
+            return None
+        start = self.clock[r]
+        self.clock[r] = max(start, self.posted.pop(msg))
+        self.received.add(msg)
+        return start
+
+    def _receiver_waiting(self, msg) -> bool:
+        """Rendezvous: is the receiving rank at the matching RECV right now?"""
+        dst = self.sch.rank_of(msg[2])
+        if self.finished(dst):
+            return False
+        b = self.sch.actions[dst][self.pc[dst]]
+        return b.kind.startswith("RECV") and _message(b) == msg
+
+
+# ------------------------------------------------------------------ printing
+def format_schedule(schedule: Schedule, durations: dict | None = None,
+                    time_axis: str = "rows") -> str:
+    """The schedule as a step × rank grid of compute actions ("0F1" = stage 0,
+    forward, micro-batch 1; "." = idle).
+
+    Steps come from :func:`simulate` with unit times (``F = I = W = 1``,
+    ``B = 2``: a full backward costs two forwards) and free messages, so the grid
+    shows where each rank waits.  ``time_axis="columns"`` draws time left to right,
+    like the papers' figures."""
+    if time_axis not in ("rows", "columns"):
+        raise ValueError(f"time_axis must be 'rows' or 'columns', got {time_axis!r}")
+    res = simulate(schedule, durations or UNIT_TIMES)
+    steps, p = int(round(res.makespan)), schedule.p
+    grid = [["." for _ in range(p)] for _ in range(steps)]
+    for rec in res.records:
+        if rec.action.is_compute:
+            for t in range(int(round(rec.start)), int(round(rec.end))):
+                grid[t][rec.rank] = str(rec.action)
+    w = max([len(c) for row in grid for c in row] + [4]) + 1
+    title = (f"{schedule.name}: p={p} m={schedule.m}"
+             + (f" v={schedule.v}" if schedule.v > 1 else "")
+             + f", {steps} steps (F=1, B=2, I=W=1)")
+    if time_axis == "rows":
+        lines = [title, "step".ljust(5) + "".join(f"r{r}".rjust(w) for r in range(p))]
+        lines += [str(t).ljust(5) + "".join(c.rjust(w) for c in row) for t, row in enumerate(grid)]
+    else:
+        lines = [title] + [f"r{r}".ljust(4) + "".join(grid[t][r].rjust(w) for t in range(steps))
+                           for r in range(p)]
+    return "\n".join(lines)

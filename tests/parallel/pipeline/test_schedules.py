@@ -103,4 +103,5 @@ def test_format_shows_interleaved_stages_and_zb_kinds():
     assert "v=2" in text and "2F0" in text and "3B1" in text
     text = format_schedule(zero_bubble_h1(2, 3))
     assert "1I0" in text and "0W2" in text and "B" not in "".join(_grid(text)[0])
-    assert str(gpipe(2, 1)) == format_schedule(gpipe(2, 1))
+    assert str(gpipe(2, 1)).splitlines() == [
+        "gpipe: p=2 m=1", "r0: 0F0 0SEND_F0 0RECV_B0 0B0", "r1: 1RECV_F0 1F0 1B0 1SEND_B0"]

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from simpar import formulas
 from simpar.parallel.pipeline import (Action, ScheduleError, make_schedule, simulate,
                                       validate)
 from simpar.parallel.pipeline.schedules import Schedule
@@ -40,10 +41,9 @@ def test_every_schedule_is_valid(sch):
         assert sorted((a.mb, a.stage) for a in fw) == sorted(
             (mb, s) for mb in range(m) for s in sch.stages_of(r))
     # micro-batches held at once (F done, backward not finished)
-    if sch.name == "gpipe":
-        assert res.peak_in_flight == [m] * p
-    if sch.name == "1f1b":
-        assert res.peak_in_flight == [min(p - r, m) for r in range(p)]
+    if sch.name in ("gpipe", "1f1b"):
+        assert res.peak_in_flight == [formulas.micro_batches_in_flight(sch.name, p, m, r)
+                                      for r in range(p)]
     if sch.name == "zb-h1":
         assert res.peak_in_flight == [min(p, m)] * p if m >= p else max(res.peak_in_flight) <= m
     if sch.name == "naive":
@@ -60,7 +60,9 @@ def test_uniform_stage_bubble(sch, tf, tb):
     p, m, v = sch.p, sch.m, sch.v
     for busy, bubble in zip(res.busy, res.bubble):
         assert busy == m * v * (tf + tb)
-        assert bubble * v * m == (p - 1) * busy
+        assert bubble == pytest.approx(formulas.bubble_over_ideal(p, m, v) * busy, rel=1e-12)
+    assert res.bubble_fraction() == pytest.approx(            # (p−1)/(v·m + p − 1) of the step
+        formulas.bubble_fraction(sch.name, p, m, v), rel=1e-12)
 
 
 @FAST
@@ -73,11 +75,11 @@ def test_zb_h1_formula_holds_exactly_under_its_assumptions(p, extra, tf, ti, tw)
     d = {"F": tf, "I": ti, "W": tw, "B": ti + tw}
     one = simulate(make_schedule("1f1b", p, m), d)
     zb = simulate(make_schedule("zb-h1", p, m), d)
-    assert one.bubble == [(p - 1) * (tf + ti + tw)] * p
+    assert one.bubble == [formulas.one_f_one_b_idle(p, tf, ti, tw)] * p
     if tw <= min(tf, ti):
-        assert zb.bubble == [(p - 1) * (tf + ti - tw)] * p
+        assert zb.bubble == [formulas.zb_h1_idle(p, tf, ti, tw)] * p
     else:                          # W longer than F or I: W can no longer hide
-        assert all(b >= (p - 1) * (tf + ti - tw) for b in zb.bubble)
+        assert all(b >= formulas.zb_h1_idle(p, tf, ti, tw) for b in zb.bubble)
     assert max(zb.bubble) <= max(one.bubble)
 
 
