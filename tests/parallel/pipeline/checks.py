@@ -47,9 +47,12 @@ def layer_split(n_stages: int, n_layer: int, how: str):
 
 
 def check_equivalence(comm, name: str, m: int, n_layer: int, split: str = "even",
-                      b=2, clobber: bool = True, seed: int = 0) -> float:
+                      b=2, clobber: bool = True, seed: int = 0,
+                      inject: tuple[str, float] | None = None) -> float:
     """Loss and every gradient of this rank's stages vs the reference; returns the
-    max relative error (asserts it is <= 1e-10)."""
+    max relative error (asserts it is <= 1e-10).  ``inject=(name, value)`` is the
+    negative control: one element of gradient ``name`` (on the rank that holds
+    it) is replaced by ``value`` (NaN, inf) before the comparison, which must fail."""
     v = V_INTERLEAVED if name == "interleaved" else 1
     sch = make_schedule(name, comm.size, m, v)
     cfg = tiny_config(n_layer)
@@ -58,9 +61,12 @@ def check_equivalence(comm, name: str, m: int, n_layer: int, split: str = "even"
     model = make_model(cfg, seed)
     stages = stages_for_rank(model, sch, comm.rank, layer_split(sch.n_stages, n_layer, split))
     res = run_schedule(comm, sch, stages, xs, ys, clobber_buffers=clobber)
-    errs = {}
-    for st in stages.values():
-        errs.update(compare(st.gradients(), ref_grads))
+    grads = {k: g for st in stages.values() for k, g in st.gradients().items()}
+    if inject is not None and inject[0] in grads:
+        bad = np.array(grads[inject[0]], dtype=np.float64)
+        bad.flat[bad.size // 2] = inject[1]
+        grads[inject[0]] = bad
+    errs = compare(grads, ref_grads)
     if res.loss is not None:
         errs["loss"] = rel_error(res.loss, ref_loss)
     bad = [k for k, e in errs.items() if not e <= TOL]          # NaN-aware: NaN fails
