@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simpar import trace
+from simpar import formulas, trace
 from simpar.nn import GPT, GPTConfig, functional as F
 
 from .gradcheck import assert_grad_close, numerical_grad
@@ -325,7 +325,8 @@ def test_config_validation():
 def test_flops_formula(b, s, L, heads, d, vocab, tied):
     h = heads * d
     m = GPT(GPTConfig(vocab, s, L, heads, h, tie_weights=tied))
-    assert m.flops(b, s) == L * (24 * b * s * h * h + 4 * b * s * s * h) + 2 * b * s * h * vocab
+    # Narayanan et al. 2021, appendix: 24bsh² + 4bs²h per layer, plus the LM head
+    assert m.flops(b, s) == L * formulas.layer_forward_flops(b, s, h) + 2 * b * s * h * vocab
     ff = 3 * h + 1
     m = GPT(GPTConfig(vocab, s, L, heads, h, d_ff=ff))
     assert m.flops(b, s) == \
