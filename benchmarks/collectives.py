@@ -1,6 +1,7 @@
 """simpar's all-reduce against raw mpi4py ``Allreduce``, measured in one run.
 
     python benchmarks/collectives.py            # runs mpiexec -n 2 and -n 4 itself
+    python benchmarks/collectives.py --quick    # 2 ranks, 2 small sizes, seconds (a smoke test)
     mpiexec -n 4 python benchmarks/collectives.py --worker
 
 For each message size (1 KiB - 8 MiB, float32) the cases take turns call by
@@ -32,6 +33,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 SIZES = [1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20]
+QUICK_SIZES = [1 << 10, 64 << 10]
 
 
 def _interleaved_medians(cases: dict, comm, reps: int, burst: int = 1) -> dict:
@@ -53,14 +55,14 @@ def _interleaved_medians(cases: dict, comm, reps: int, burst: int = 1) -> dict:
     return dict(zip(cases, out))
 
 
-def worker(reps: int) -> None:
+def worker(reps: int, sizes=SIZES) -> None:
     from mpi4py import MPI
 
     from simpar.comm import mpi
     raw = MPI.COMM_WORLD
     comm = mpi.world()
     rows = []
-    for nbytes in SIZES:
+    for nbytes in sizes:
         x = np.ones(nbytes // 4, np.float32)
         out = np.empty_like(x)
         cases = {"raw": lambda: raw.Allreduce(x, out),
@@ -79,7 +81,7 @@ def worker(reps: int) -> None:
             print(f"ROW {raw.Get_size()} " + " ".join(f"{v:.6e}" for v in row), flush=True)
 
 
-def polite_worker() -> None:
+def polite_worker(size: int = 384, iters: int = 40) -> None:
     """Half the ranks multiply matrices while the other half wait for a message
     that comes only when the work is done: raw blocking ``Recv`` (busy-polls)
     against simpar's ``recv`` (polite wait).  Reports the workers' matmul time."""
@@ -90,12 +92,12 @@ def polite_worker() -> None:
     comm = mpi.world()
     p, r = raw.Get_size(), raw.Get_rank()
     half = p // 2
-    a = np.random.default_rng(r).standard_normal((384, 384))
+    a = np.random.default_rng(r).standard_normal((size, size))
     token = np.zeros(1)
 
     def work() -> float:
         t0 = time.perf_counter()
-        for _ in range(40):
+        for _ in range(iters):
             a @ a
         return time.perf_counter() - t0
 
@@ -132,18 +134,23 @@ def main() -> None:
     ap.add_argument("--polite-worker", action="store_true", help="run inside mpiexec")
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--quick", action="store_true",
+                    help="2 ranks, two small sizes, 3 calls each: seconds, no targets")
     args = ap.parse_args()
+    if args.quick:
+        args.ranks, args.reps = [2], 3
     if args.worker:
-        worker(args.reps)
+        worker(args.reps, QUICK_SIZES if args.quick else SIZES)
         return
     if args.polite_worker:
-        polite_worker()
+        polite_worker(*((64, 4) if args.quick else ()))
         return
+    quick = ["--quick"] if args.quick else []
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     rows = []
     for n in args.ranks:
         res = subprocess.run([mpiexec, "-n", str(n), sys.executable, __file__, "--worker",
-                              "--reps", str(args.reps)],
+                              "--reps", str(args.reps), *quick],
                              capture_output=True, text=True, timeout=900)
         if res.returncode:
             sys.exit(res.stdout + res.stderr)
@@ -153,7 +160,8 @@ def main() -> None:
                 rows.append((int(p), int(float(nb)), *map(float, ts)))
             elif line.startswith("ranks="):
                 print(line)
-    polite = subprocess.run([mpiexec, "-n", "4", sys.executable, __file__, "--polite-worker"],
+    polite = subprocess.run([mpiexec, "-n", "2" if args.quick else "4", sys.executable, __file__,
+                             "--polite-worker", *quick],
                             capture_output=True, text=True, timeout=900)
     if polite.returncode:
         sys.exit(polite.stdout + polite.stderr)
@@ -164,14 +172,15 @@ def main() -> None:
     print(f"{'ranks':>5} {'size':>8} {'mpi4py':>12} {'simpar':>12} {'ratio':>6}   "
           f"{'mpi4py':>12} {'simpar':>12} {'ratio':>6}   {'ratio':>6}")
     for p, nb, a, b, c, d, e, f in rows:
-        flag = "" if nb < (1 << 20) or b / a <= 1.05 else "  (above target 1.05)"
+        flag = "" if nb < (1 << 20) or b / a <= 1.05 or args.quick else "  (above target 1.05)"
         print(f"{p:>5} {_fmt_size(nb):>8} {a * 1e6:>9.1f} µs {b * 1e6:>9.1f} µs {b / a:>6.3f}   "
               f"{c * 1e6:>9.1f} µs {d * 1e6:>9.1f} µs {d / c:>6.3f}   {f / e:>6.3f}{flag}")
     for line in polite.stdout.splitlines():
         if line.startswith("POLITE"):
             _, p, on, t_raw, t_simpar = line.split()
             print(f"\nwaiting politely ({p} ranks on {os.cpu_count()} cores; polite mode {on}): "
-                  f"2 ranks multiply matrices while 2 wait for a message")
+                  f"{int(p) // 2} ranks multiply matrices while {int(p) - int(p) // 2} "
+                  f"wait for a message")
             print(f"  workers' time while the others wait in raw MPI Recv:   {float(t_raw):.3f} s")
             print(f"  workers' time while the others wait in simpar recv:    {float(t_simpar):.3f} s"
                   f"  ({float(t_raw) / float(t_simpar):.2f}x faster)")

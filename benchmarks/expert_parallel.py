@@ -2,6 +2,7 @@
 step time at ep = 2 against ep = 1, measured side by side in one MPI run.
 
     python benchmarks/expert_parallel.py             # runs mpiexec -n 2 itself
+    python benchmarks/expert_parallel.py --quick     # tiny sizes, seconds (a smoke test)
     mpiexec -n 2 python benchmarks/expert_parallel.py --worker
 
 1. **all-to-all** (float32, uneven counts like a router's): simpar's
@@ -34,7 +35,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SIZES = [16 << 10, 256 << 10, 1 << 20, 4 << 20]     # bytes each rank sends (float32 rows)
+QUICK_SIZES = [16 << 10, 64 << 10]
 ROW = 512                                            # floats per row (hidden size)
+MOE = dict(h=512, d_ff=2048, n_experts=8, tokens=1024)
+QUICK_MOE = dict(h=32, d_ff=64, n_experts=4, tokens=64)
 
 
 def _slowest_median(fn, raw, reps: int) -> float:
@@ -58,10 +62,10 @@ def _uneven_counts(rows: int, p: int, rng) -> np.ndarray:
     return counts
 
 
-def bench_all_to_all(comm, raw, reps: int, rounds: int) -> list:
+def bench_all_to_all(comm, raw, reps: int, rounds: int, sizes=SIZES) -> list:
     p = raw.Get_size()
     rows_out = []
-    for nbytes in SIZES:
+    for nbytes in sizes:
         rows = nbytes // (4 * ROW)
         rng = np.random.default_rng([nbytes, raw.Get_rank()])
         counts = _uneven_counts(rows, p, rng)
@@ -98,10 +102,10 @@ def bench_all_to_all(comm, raw, reps: int, rounds: int) -> list:
     return rows_out
 
 
-def bench_moe_step(world, raw, reps: int, rounds: int) -> dict:
+def bench_moe_step(world, raw, reps: int, rounds: int, shape=MOE) -> dict:
     from simpar.nn.moe import MoE
     from simpar.parallel.expert import ExpertParallelMoE
-    h, d_ff, n_experts, tokens = 512, 2048, 8, 1024
+    h, d_ff, n_experts, tokens = shape["h"], shape["d_ff"], shape["n_experts"], shape["tokens"]
     ref = MoE(h, n_experts, d_ff, k=2, capacity_factor=1.25, rng=0, dtype=np.float32)
     x = np.random.default_rng(1 + world.rank).standard_normal((tokens, h)).astype(np.float32)
     dy = np.random.default_rng(9 + world.rank).standard_normal((tokens, h)).astype(np.float32)
@@ -126,14 +130,15 @@ def bench_moe_step(world, raw, reps: int, rounds: int) -> dict:
             "kept": stats.kept_per_expert.tolist(), "dropped": stats.dropped_fraction}
 
 
-def worker(reps: int, rounds: int) -> None:
+def worker(reps: int, rounds: int, quick: bool = False) -> None:
     from mpi4py import MPI
 
     from simpar.comm import mpi
     raw = MPI.COMM_WORLD
     comm = mpi.world()
-    a2a = bench_all_to_all(comm, raw, reps, rounds)
-    moe = bench_moe_step(comm, raw, max(3, reps // 4), rounds)
+    a2a = bench_all_to_all(comm, raw, reps, rounds, QUICK_SIZES if quick else SIZES)
+    moe = bench_moe_step(comm, raw, max(1 if quick else 3, reps // 4), rounds,
+                         QUICK_MOE if quick else MOE)
     if raw.Get_rank() == 0:
         print(f"ranks={raw.Get_size()} polite_wait={comm.polite}")
         for nbytes, a, b, c in a2a:
@@ -152,13 +157,18 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true",
+                    help="two small sizes, a tiny MoE layer, 2 calls: seconds, no targets")
     args = ap.parse_args()
+    if args.quick:
+        args.reps, args.rounds = 2, 1
     if args.worker:
-        worker(args.reps, args.rounds)
+        worker(args.reps, args.rounds, args.quick)
         return
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     res = subprocess.run([mpiexec, "-n", str(args.ranks), sys.executable, __file__, "--worker",
-                          "--reps", str(args.reps), "--rounds", str(args.rounds)],
+                          "--reps", str(args.reps), "--rounds", str(args.rounds),
+                          *(["--quick"] if args.quick else [])],
                          capture_output=True, text=True, timeout=1800)
     if res.returncode:
         sys.exit(res.stdout + res.stderr)
@@ -179,8 +189,10 @@ def main() -> None:
         print(f"{_fmt_size(nb):>10} {v * 1e6:>9.1f} µs {cv * 1e6:>9.1f} µs {s * 1e6:>9.1f} µs "
               f"{s / cv:>18.3f} {s / v:>9.3f}")
     t1, t2, b1, b2, dropped = float(moe[0]), float(moe[1]), int(moe[2]), int(moe[3]), float(moe[4])
-    print(f"\n2. MoE layer forward + backward (float32, h=512, d_ff=2048, 8 experts, top-2, "
-          f"1024 tokens per rank, {dropped:.1%} dropped at ep=2)")
+    shape = QUICK_MOE if args.quick else MOE
+    print(f"\n2. MoE layer forward + backward (float32, h={shape['h']}, d_ff={shape['d_ff']}, "
+          f"{shape['n_experts']} experts, top-2, {shape['tokens']} tokens per rank, "
+          f"{dropped:.1%} dropped at ep=2)")
     print(f"   ep=1: {t1 * 1e3:8.1f} ms per step, expert parameters {b1 / 2**20:6.1f} MiB per rank")
     print(f"   ep=2: {t2 * 1e3:8.1f} ms per step, expert parameters {b2 / 2**20:6.1f} MiB per rank")
     print(f"   step time ratio ep=2 / ep=1: {t2 / t1:.3f};  expert memory ratio: {b2 / b1:.3f}")

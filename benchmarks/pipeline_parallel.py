@@ -1,6 +1,7 @@
 """Pipeline parallelism on this machine: measured bubble and 1F1B throughput.
 
     python benchmarks/pipeline_parallel.py          # runs mpiexec -n 2 itself
+    python benchmarks/pipeline_parallel.py --quick  # a tiny GPT, one step each: seconds
     mpiexec -n 2 python benchmarks/pipeline_parallel.py --worker
 
 A float32 GPT with uniform stages (the last stage trades one block for the LM
@@ -112,7 +113,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--layers-per-stage", type=int, default=4)
+    ap.add_argument("--quick", action="store_true",
+                    help="a tiny GPT (d_model 32, seq 8), m = 1, 2, one step: seconds, no targets")
     args = ap.parse_args()
+    if args.quick:
+        args.m, args.reps, args.d_model, args.seq, args.batch = [1, 2], 1, 32, 8, 1
+        args.layers_per_stage = 2
     if args.worker:
         worker(args)
         return

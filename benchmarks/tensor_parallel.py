@@ -2,6 +2,7 @@
 
     mpiexec -n 2 python benchmarks/tensor_parallel.py [--reps 10] [--tokens 1024] [--hidden 1024]
     python benchmarks/tensor_parallel.py            # the same with 2 threads in one process
+    python benchmarks/tensor_parallel.py --quick    # tiny shapes, 1 step: a smoke test
 
 In one run, alternating so that a change in machine load hits both alike:
 
@@ -31,6 +32,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import simpar  # noqa: E402
+from simpar.demos.common import process_rank  # noqa: E402
 from simpar.nn import MLP  # noqa: E402
 from simpar.parallel.tensor import ParallelMLP  # noqa: E402
 
@@ -80,10 +82,13 @@ def main(argv=None) -> None:
                     help="timed steps per tp size (after a warm-up)")
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per step (b·s)")
     ap.add_argument("--hidden", type=int, default=1024, help="hidden size h (d_ff = 4h)")
+    ap.add_argument("--quick", action="store_true",
+                    help="64 tokens, h = 64, one step: seconds, no target")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.reps, args.tokens, args.hidden = 1, 64, 64
     results = simpar.run(lambda c: bench(c, args.tokens, args.hidden, args.reps), world_size=2)
-    from simpar.demos.overview import trace_rank
-    if trace_rank() != 0:
+    if process_rank() != 0:
         return
     r0, r1 = results
     T, h = args.tokens, args.hidden
