@@ -1,6 +1,7 @@
 """One training step of the reference GPT in float32 on one BLAS thread.
 
     python benchmarks/reference_step.py [--steps 5] [--profile]
+    python benchmarks/reference_step.py --quick     # a tiny model, one step: a smoke test
     python benchmarks/reference_step.py --compare [REV]   # new / old kernels, one run
 
 Measures forward + backward + AdamW of the reference model (h=512, s=256, b=8,
@@ -45,6 +46,8 @@ from simpar.optim import AdamW  # noqa: E402
 OLD_REV = "04a1a98"        # functional.py before the plain-math / kernels split
 CONFIG = GPTConfig(vocab_size=65, seq_len=256, n_layer=4, n_head=8, d_model=512)
 BATCH = 8
+QUICK_CONFIG = GPTConfig(vocab_size=65, seq_len=16, n_layer=1, n_head=2, d_model=32)
+QUICK_BATCH = 2
 
 
 class MatmulProbe:
@@ -66,12 +69,12 @@ class MatmulProbe:
         return 2.0 * 2048 * 512 * 2048 / float(np.median(times))
 
 
-def make_step():
-    model = GPT(CONFIG, seed=0, dtype=np.float32)
+def make_step(config: GPTConfig = CONFIG, batch: int = BATCH):
+    model = GPT(config, seed=0, dtype=np.float32)
     opt = AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
     rng = np.random.default_rng(1)
-    idx = rng.integers(0, CONFIG.vocab_size, size=(BATCH, CONFIG.seq_len))
-    tgt = rng.integers(0, CONFIG.vocab_size, size=(BATCH, CONFIG.seq_len))
+    idx = rng.integers(0, config.vocab_size, size=(batch, config.seq_len))
+    tgt = rng.integers(0, config.vocab_size, size=(batch, config.seq_len))
 
     def step() -> float:
         model.zero_grad()
@@ -150,15 +153,20 @@ def main(argv=None) -> None:
                     help="keep glibc's default allocator thresholds")
     ap.add_argument("--compare", nargs="?", const=OLD_REV, metavar="REV",
                     help=f"time new vs old kernels in one run (default REV {OLD_REV})")
+    ap.add_argument("--quick", action="store_true",
+                    help="a tiny model (h=32, s=16, 1 layer), one step: seconds, no target")
     args = ap.parse_args(argv)
     if args.compare:
         compare(args.compare, max(args.steps, 3))
         return
+    config, batch = (QUICK_CONFIG, QUICK_BATCH) if args.quick else (CONFIG, BATCH)
+    if args.quick:
+        args.steps = 1
 
     tuned = simpar.runtime._tuned
-    model, step = make_step()
+    model, step = make_step(config, batch)
     probe = MatmulProbe()
-    b, s = BATCH, CONFIG.seq_len
+    b, s = batch, config.seq_len
     step_flops = 3.0 * model.flops(b, s)
     loss0 = step()                                    # warm-up
     times, cpu, mms = [], [], []
@@ -172,8 +180,8 @@ def main(argv=None) -> None:
     mm = float(np.median(mms))
     model_fs = step_flops / t
 
-    print(f"reference GPT step, float32, 1 BLAS thread: h={CONFIG.d_model} s={s} b={b} "
-          f"layers={CONFIG.n_layer} heads={CONFIG.n_head} vocab={CONFIG.vocab_size} "
+    print(f"reference GPT step, float32, 1 BLAS thread: h={config.d_model} s={s} b={b} "
+          f"layers={config.n_layer} heads={config.n_head} vocab={config.vocab_size} "
           f"({model.num_parameters() / 1e6:.2f} M parameters)")
     print(f"allocator            {'glibc thresholds raised (mallopt)' if tuned else 'defaults'}")
     print(f"loss                 {loss0:.4f} -> {loss:.4f}")
