@@ -8,6 +8,10 @@ and a transfer time per message, with the rules of the simulated clock
 (DESIGN.md §4): a message posted at ``t`` arrives at ``t + transfer``, the
 receiver continues at ``max(own time, arrival)``.  So ``simulate`` with the
 durations a real run measured predicts that run's simulated clock exactly.
+With identical stages it reproduces the papers' bubbles exactly —
+``(p−1)/(v·m)`` of the compute for GPipe, 1F1B and interleaved 1F1B (Narayanan et
+al. 2021 §2.2), ``(p−1)(T_F + T_B − T_W)`` for ZB-H1 (Qi et al. 2023, Table 2);
+the formulas are in :mod:`simpar.formulas`, the proofs in the tests.
 
 It raises :class:`ScheduleError` (a ``ValueError``) naming the rank, the
 position and the action when a schedule
