@@ -4,6 +4,7 @@ on many devices, in pure NumPy: every rank plays one device.
 Reading order: :mod:`simpar.nn` (what is computed), :mod:`simpar.comm` (how
 devices talk), :mod:`simpar.parallel` (how the computation is cut), then
 :mod:`simpar.trace`, :mod:`simpar.sim` and :mod:`simpar.viz` (how it is seen).
+:mod:`simpar.formulas` holds every closed form the project checks itself against.
 """
 from . import runtime as _runtime
 from .comm import Comm, launch, run
