@@ -50,26 +50,31 @@ def run(fn: Callable[[Comm], Any], world_size: int | None = None, backend: str =
         check: bool | None = None) -> list:
     """Run ``fn(comm)`` on every rank and return all ranks' results (on every rank).
 
-    Threads: ``world_size`` threads (default 4).  MPI: the launcher's ranks;
-    ``world_size``, if given, must match.  Under MPI a failing rank aborts the
-    whole job rather than leaving the others waiting.
+    Threads: ``world_size`` threads (default 4), see :func:`launch`.  MPI: the
+    launcher's ranks; ``world_size``, if given, must match.  Under MPI a failing
+    rank aborts the whole job rather than leaving the others waiting, and the
+    error is printed once per job, by the failing rank; ``timeout`` (seconds)
+    is enforced by the watchdog (a rank waiting past it ends the job with a
+    report of every rank's pending operation), as is ``SIMPAR_WATCHDOG_S``.
+    A rank whose ``fn`` returns while others still wait in a collective gets,
+    with them, a ``ValueError`` naming it as finished.
     """
     backend = init(backend)
     if backend == "threads":
         return launch(fn, 4 if world_size is None else world_size, cluster, timeout, check)
+    import sys
     from . import mpi
     comm = mpi.world(cluster, check)
-    if world_size is not None and world_size != comm.size:
-        raise ValueError(f"world_size={world_size} but mpiexec started {comm.size} ranks")
     mpi.abort_on_exception()
+    mpi.set_timeout(timeout)
     try:
+        if world_size is not None and world_size != comm.size:
+            raise ValueError(f"world_size={world_size} but mpiexec started {comm.size} ranks")
         result = fn(comm)
+        return comm._gather_results(result)
     except BaseException:
-        import traceback
-        traceback.print_exc()
-        mpi.abort_job()
+        mpi.fail(*sys.exc_info())
         raise
-    return comm.gather_objects(result)
 
 
 __all__ = ["Comm", "ThreadComm", "Request", "WorldAborted", "DeadlockError", "watchdog_seconds", "launch", "run", "init",

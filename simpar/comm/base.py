@@ -383,6 +383,13 @@ class Comm:
             self._arrive(("gather_objects", 0, None, ()), (0.0, 0.0, 0.0))
         return self._raw_gather_objects(obj)
 
+    def _gather_results(self, obj) -> list:
+        """``gather_objects`` at the end of ``run``: a rank meeting it while
+        others are still in a collective is reported as finished."""
+        if self.size > 1:
+            self._arrive(("gather_objects", 1, None, ()), (0.0, 0.0, 0.0))
+        return self._raw_gather_objects(obj)
+
     def agree(self, what: str, value: Any) -> Any:
         """Check that every rank of this group passed an equal ``value``; return it.
 
@@ -436,6 +443,8 @@ class Comm:
         kind, arg, dtype, shape = sig
         if kind == "agree":
             return f"agree on {arg!r}: {shape}"
+        if kind == "gather_objects" and arg == 1:
+            return "finished (fn returned; run gathers the results)"
         if kind in ("barrier", "split", "gather_objects"):
             return kind
         if kind == "all_to_all":

@@ -14,6 +14,22 @@ naps.  Measured with 4 ranks on 2 cores: plain spinning on ``Test`` made a
 1 KiB all-reduce 0.7 ms (longer spins made it worse: the spinner starves the
 peer it waits for); yielding brought it to ~0.12 ms, while two ranks waiting in
 ``recv`` still leave the working ranks their full speed.
+
+**Watchdog** (DESIGN.md §3).  Every wait for a peer — the arrival exchange of
+each collective, each message — is a loop on ``Test``, also when ranks do not
+outnumber cores (then it spins without yielding), so a wait can end in a
+report instead of a hang: after ``SIMPAR_WATCHDOG_S`` seconds (default 60; 0
+turns it off) or past ``simpar.run(timeout=...)``, the waiting rank asks every
+other rank, on a private duplicate of ``COMM_WORLD``, what it is waiting for
+(ranks in a wait answer from their loop), prints one report naming each
+rank's pending operation and aborts the job.  A collective's data movement,
+which follows the arrival exchange with every member present, is a blocking
+call and is not watched (it cannot wait for an absent member).
+
+**One message per job.**  A rank that raises tells the others, waits a moment
+for their notices, and only the first failing rank (the lowest, if several
+fail together) prints its traceback; the others print nothing if their error
+is the same, else one line; then the job is aborted.
 """
 from __future__ import annotations
 
@@ -23,11 +39,16 @@ import time
 
 import numpy as np
 
+import math
+import traceback
+
 from .. import trace
-from .base import Comm
+from .base import Comm, watchdog_seconds
 
 _SPIN_SECONDS = 2e-3
 _NAP_SECONDS = 2e-4
+_TAG_PING, _TAG_REPLY, _TAG_FAIL, _TAG_PRINTING = 1, 2, 3, 4   # private control channel
+_MSG_BYTES = 1024
 _yield = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
@@ -76,20 +97,49 @@ class MPIComm(Comm):
         self._meta = mpi_comm.Dup()          # envelopes travel on their own channel
         self.polite = polite_default(mpi_comm) if polite is None else polite
 
-    def _wait(self, req) -> None:
-        """Wait for a request: blocking when ranks <= cores; otherwise test it in
-        a loop that yields the core to any runnable rank (``sched_yield``) for
-        up to 2 ms, then naps 0.2 ms between tests."""
-        if not self.polite:
-            req.Wait()
-            return
-        t_end = time.perf_counter() + _SPIN_SECONDS
-        while time.perf_counter() < t_end:
-            if req.Test():
+    def _wait(self, req, what) -> None:
+        """Wait for a request.  Polite (ranks > cores): test it in a loop that
+        yields the core to any runnable rank (``sched_yield``) for up to 2 ms,
+        then naps 0.2 ms between tests.  Otherwise spin on ``Test``.  Either
+        way the job's watchdog looks at the clock now and then; ``what()``
+        describes the wait for its report.  Without a watchdog and politeness,
+        a plain blocking ``Wait``."""
+        job = _JOB
+        if job is None or not (job.limit or job.deadline < math.inf):
+            if not self.polite:
+                req.Wait()
                 return
-            _yield()
-        while not req.Test():
-            time.sleep(_NAP_SECONDS)
+            job = None
+        t0 = time.perf_counter()
+        if job is not None:
+            job.pending, job.since = what, t0
+        try:
+            if self.polite:
+                t_end = t0 + _SPIN_SECONDS
+                while time.perf_counter() < t_end:
+                    if req.Test():
+                        return
+                    _yield()
+                while not req.Test():
+                    time.sleep(_NAP_SECONDS)
+                    if job is not None:
+                        job.tick(t0)
+            else:
+                n = 0
+                while not req.Test():
+                    n += 1
+                    if not n & 1023:
+                        job.tick(t0)
+        finally:
+            if job is not None:
+                job.pending = None
+
+    def _on(self) -> str:
+        return "" if self.name == "world" else f" on {self.name}"
+
+    def _peer(self, r: int) -> str:
+        wr = self.world_ranks[r]
+        return f"rank {wr}" if self.name == "world" else f"rank {wr} ({self.name} rank {r})"
 
     # ---------------------------------------------------------- collectives
     # Arrival (the clock exchange) is waited for politely; the data collective
@@ -98,10 +148,8 @@ class MPIComm(Comm):
     # slower than the blocking ones with 4 ranks on 2 cores.)
     def _raw_arrive(self, vec, sig):
         out = np.empty_like(vec)
-        if self.polite:
-            self._wait(self._c.Iallreduce(vec, out, op=_op("max")))
-        else:
-            self._c.Allreduce(vec, out, op=_op("max"))
+        self._wait(self._c.Iallreduce(vec, out, op=_op("max")),
+                   lambda: f"{self._describe(sig)} on {self.name}")
         return out
 
     def _raw_all_reduce(self, x, op, out):
@@ -129,7 +177,7 @@ class MPIComm(Comm):
     def _raw_all_to_all_counts(self, counts):
         recv = np.empty_like(counts)
         if self.polite:
-            self._wait(self._c.Ialltoall(counts, recv))
+            self._wait(self._c.Ialltoall(counts, recv), lambda: f"all_to_all counts{self._on()}")
         else:
             self._c.Alltoall(counts, recv)
         return recv
@@ -147,14 +195,16 @@ class MPIComm(Comm):
 
     # ------------------------------------------------------- point-to-point
     def _raw_isend(self, x, dst, tag, meta):
-        return ((self._meta if meta else self._c).Isend(x, dest=dst, tag=tag), x)
+        return ((self._meta if meta else self._c).Isend(x, dest=dst, tag=tag), x,
+                lambda: f"send to {self._peer(dst)} tag {tag}{self._on()}")
 
     def _raw_irecv(self, buf, src, tag, meta):
-        return ((self._meta if meta else self._c).Irecv(buf, source=src, tag=tag), buf)
+        return ((self._meta if meta else self._c).Irecv(buf, source=src, tag=tag), buf,
+                lambda: f"recv from {self._peer(src)} tag {tag}{self._on()}")
 
     def _raw_wait(self, handle):
-        req, _keepalive = handle
-        self._wait(req)
+        req, _keepalive, what = handle
+        self._wait(req, what)
 
     # --------------------------------------------------------------- groups
     def _raw_split(self, color, key, new_rank, world_ranks, name):
@@ -166,19 +216,201 @@ class MPIComm(Comm):
 
 
 # ---------------------------------------------------------------- the job
+def _abort() -> None:
+    """``MPI_Abort`` the job; never return (measured: MPICH's Abort can return
+    to its caller while the launcher tears the job down)."""
+    sys.stderr.flush()
+    try:
+        _mpi().COMM_WORLD.Abort(1)
+    finally:
+        os._exit(1)
+
+
+def _text(buf: np.ndarray) -> str:
+    return bytes(buf).rstrip(b"\0").decode(errors="replace")
+
+
+def _encode(text: str) -> np.ndarray:
+    raw = text.encode()[:_MSG_BYTES - 1]
+    out = np.zeros(_MSG_BYTES, np.uint8)
+    out[:len(raw)] = np.frombuffer(raw, np.uint8)
+    return out
+
+
+class _Job:
+    """This process's part of the job: a private duplicate of ``COMM_WORLD``
+    for the watchdog's questions and failure notices (buffer methods only)."""
+
+    def __init__(self, world_comm) -> None:
+        MPI = _mpi()
+        self.ctl = world_comm.Dup()
+        self.rank, self.size = self.ctl.Get_rank(), self.ctl.Get_size()
+        self.limit = watchdog_seconds()
+        self.deadline = math.inf             # simpar.run(timeout=...)
+        self.timeout = None
+        self.pending = None                  # what this rank waits for (a callable)
+        self.since = 0.0
+        self._keep: list = []                # sends in flight and their buffers
+        self.reporter: int | None = None     # a rank whose watchdog asked us
+        self._ping = np.zeros(1, np.int64)
+        self._ping_req = self.ctl.Irecv(self._ping, source=MPI.ANY_SOURCE, tag=_TAG_PING)
+
+    def doing(self) -> str:
+        if self.pending is None:
+            return "not waiting in simpar (computing, or finished)"
+        return f"{self.pending()} (waiting {time.perf_counter() - self.since:.1f} s)"
+
+    def answer(self) -> list[int]:
+        """Answer the watchdog questions that arrived; return who asked."""
+        MPI = _mpi()
+        asked = []
+        while self._ping_req.Test():
+            src = int(self._ping[0])
+            asked.append(src)
+            if self.reporter is None:
+                self.reporter = src
+            msg = _encode(self.doing())
+            self._keep.append((self.ctl.Isend(msg, dest=src, tag=_TAG_REPLY), msg))
+            self._ping = np.zeros(1, np.int64)
+            self._ping_req = self.ctl.Irecv(self._ping, source=MPI.ANY_SOURCE, tag=_TAG_PING)
+        return asked
+
+    def tick(self, t0: float) -> None:
+        """From a wait loop: answer questions; fire if a limit is passed."""
+        self.answer()
+        now = time.perf_counter()
+        if self.limit and now - t0 > self.limit:
+            self.fire(f"rank {self.rank} waited more than {self.limit:g} s "
+                      f"(SIMPAR_WATCHDOG_S={self.limit:g})")
+        elif now > self.deadline:
+            self.fire(f"the run passed its timeout of {self.timeout:g} s on rank {self.rank}")
+
+    def fire(self, why: str) -> None:
+        """Ask every rank what it waits for, print one report, abort the job.
+        If a lower rank is reporting at the same time, leave it to that rank."""
+        MPI = _mpi()
+        self.answer()
+        if self.reporter is not None:            # another rank's watchdog is reporting
+            self._linger()
+        me = np.array([self.rank], np.int64)
+        for r in range(self.size):
+            if r != self.rank:
+                self._keep.append((self.ctl.Isend(me, dest=r, tag=_TAG_PING), me))
+        states = {self.rank: self.doing()}
+        status = MPI.Status()
+        buf = np.zeros(_MSG_BYTES, np.uint8)
+        t_end = time.perf_counter() + 1.5
+        while len(states) < self.size and time.perf_counter() < t_end:
+            if any(src < self.rank for src in self.answer()):
+                self._linger()                   # a lower rank reports: stay quiet
+            if self.ctl.Iprobe(MPI.ANY_SOURCE, _TAG_REPLY, status):
+                src = status.Get_source()
+                self.ctl.Recv(buf, source=src, tag=_TAG_REPLY)
+                states[src] = _text(buf)
+                buf[:] = 0
+            else:
+                time.sleep(1e-3)
+        lines = [f"  rank {r}: {states.get(r, 'no answer (computing, or in a blocking call)')}"
+                 for r in range(self.size)]
+        sys.stdout.flush()
+        sys.stderr.write(f"simpar watchdog: {why}; ending the job.  Pending operations:\n"
+                         + "\n".join(lines) + "\n")
+        sys.stderr.flush()
+        time.sleep(0.3)
+        _abort()
+
+    def _linger(self, fallback=None) -> None:
+        """Another rank reports and will abort the job: keep answering questions;
+        if nothing has ended the job after 10 s, ``fallback()`` and abort."""
+        t_end = time.perf_counter() + 10
+        while time.perf_counter() < t_end:
+            self.answer()
+            time.sleep(1e-3)
+        if fallback is not None:
+            fallback()
+        _abort()
+
+    def _tell_all(self, tag: int, text: str) -> None:
+        msg = _encode(text)
+        for r in range(self.size):
+            if r != self.rank:
+                self._keep.append((self.ctl.Isend(msg, dest=r, tag=tag), msg))
+
+    def fail(self, kind, value, tb) -> None:
+        """This rank raised: print once per job, abort.  Every failing rank tells
+        the others, then watches for 0.25 s.  It prints its traceback unless it
+        heard that some rank prints already, or that a lower rank failed too
+        (that one decides); a rank that stays quiet prints one line if its
+        error differs from all it heard of."""
+        MPI = _mpi()
+        summary = "".join(traceback.format_exception_only(kind, value)).strip()
+        status = MPI.Status()
+        buf = np.zeros(_MSG_BYTES, np.uint8)
+        notices: dict[int, str] = {}
+        printing: list[int] = []
+
+        def drain():
+            for tag in (_TAG_FAIL, _TAG_PRINTING):
+                while self.ctl.Iprobe(MPI.ANY_SOURCE, tag, status):
+                    src = status.Get_source()
+                    self.ctl.Recv(buf, source=src, tag=tag)
+                    (notices.__setitem__(src, _text(buf)) if tag == _TAG_FAIL
+                     else printing.append(src))
+                    buf[:] = 0
+        self._tell_all(_TAG_FAIL, summary)
+        t_end = time.perf_counter() + 0.25
+        while time.perf_counter() < t_end:       # who else fails at the same moment?
+            drain()
+            self.answer()
+            time.sleep(1e-3)
+        drain()
+
+        def report():
+            same = sorted(r for r, t in notices.items() if t == summary)
+            sys.stdout.flush()
+            traceback.print_exception(kind, value, tb)
+            also = f" (and ranks {', '.join(map(str, same))} with the same error)" if same else ""
+            sys.stderr.write(f"simpar: rank {self.rank} of {self.size} failed{also}; "
+                             "aborting the job\n")
+            sys.stderr.flush()
+        if printing or any(r < self.rank for r in notices):
+            if summary not in notices.values():
+                sys.stderr.write(f"simpar: rank {self.rank} also failed: "
+                                 f"{summary.splitlines()[-1]}\n")
+                sys.stderr.flush()
+            self._linger(report)
+        self._tell_all(_TAG_PRINTING, "")
+        report()
+        time.sleep(0.3)
+        _abort()
+
+
+_JOB: _Job | None = None
+
+
+def fail(kind, value, tb) -> None:
+    """Report an uncaught exception of this rank once per job and end the job."""
+    if _JOB is None or _JOB.size == 1:
+        traceback.print_exception(kind, value, tb)
+        abort_job()
+    _JOB.fail(kind, value, tb)
+
+
 def abort_on_exception() -> None:
     """Under mpiexec, an uncaught exception on one rank ends the whole job.
 
-    By default mpi4py leaves the other ranks waiting forever; this hook prints
-    the traceback, then calls ``MPI.COMM_WORLD.Abort(1)``.
+    By default mpi4py leaves the other ranks waiting forever; this hook reports
+    the error once per job (:func:`fail`), then calls ``MPI.COMM_WORLD.Abort(1)``.
     """
-    previous = sys.excepthook
+    sys.excepthook = lambda kind, value, tb: fail(kind, value, tb)
 
-    def hook(kind, value, tb):
-        previous(kind, value, tb)
-        abort_job()
 
-    sys.excepthook = hook
+def set_timeout(seconds: float | None) -> None:
+    """``simpar.run(timeout=...)``: the watchdog ends the job once a rank waits
+    past ``seconds`` from now (a rank that computes is caught by the others' waits)."""
+    if _JOB is not None and seconds is not None:
+        _JOB.timeout = float(seconds)
+        _JOB.deadline = time.perf_counter() + float(seconds)
 
 
 def abort_job() -> None:
@@ -188,12 +420,16 @@ def abort_job() -> None:
     sys.stderr.flush()
     sys.stdout.flush()
     time.sleep(0.3)
-    MPI.COMM_WORLD.Abort(1)
+    _abort()
 
 
 def world(cluster=None, check=None) -> MPIComm:
-    """The world communicator of this MPI job (a fresh tracer, activated)."""
+    """The world communicator of this MPI job (a fresh tracer, activated).
+    Collective: every rank calls it (the first call sets up the watchdog)."""
+    global _JOB
     MPI = _mpi()
+    if _JOB is None:
+        _JOB = _Job(MPI.COMM_WORLD)
     tracer = trace.Tracer(MPI.COMM_WORLD.Get_rank(), cluster)
     trace.activate(tracer)
     return MPIComm(MPI.COMM_WORLD, tracer, check=check)

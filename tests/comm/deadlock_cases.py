@@ -81,8 +81,9 @@ CASES = {
 def main() -> None:
     import simpar
     name = sys.argv[1]
+    timeout = float(sys.argv[2]) if len(sys.argv) > 2 else None
     _, fn, _ = CASES.get(name) or (None, slow_peer, None)
-    simpar.run(fn)
+    simpar.run(fn, timeout=timeout)
     print("finished: no deadlock?!", flush=True)
 
 

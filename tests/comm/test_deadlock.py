@@ -96,18 +96,52 @@ def test_threads_no_false_deadlock_under_load():
     assert threading.active_count() < 50
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize("name", ["early_return", "micro_batch_counts", "recv_vs_collective"])
-def test_mpi_watchdog_reports_and_ends_the_job(name):
-    size, _, needles = CASES[name]
+def _run_case(name, size, *args, env=None):
     t0 = time.perf_counter()
-    res = run_mpi(size, "tests/comm/deadlock_cases.py", name, timeout=60,
-                  env={"SIMPAR_WATCHDOG_S": "2"})
-    took = time.perf_counter() - t0
+    res = run_mpi(size, "tests/comm/deadlock_cases.py", name, *args, timeout=60,
+                  env={"SIMPAR_WATCHDOG_S": "2", **(env or {})})
     out = res.stdout + res.stderr
     assert res.returncode != 0, out
     assert "no deadlock" not in out
-    assert out.count("simpar watchdog") == 1, out              # printed once per job
-    assert took < 15, took
-    for n in ("rank 0:", "rank 1:"):
-        assert n in out, out
+    return out, time.perf_counter() - t0
+
+
+MPI_NEEDLES = {
+    "micro_batch_counts": ["rank 0: recv from rank 1 tag 2 (waiting",
+                           "rank 1: all_reduce op=sum float64 (1,) on world (waiting"],
+    "recv_vs_collective": ["rank 0: recv from rank 1 tag 0 (waiting",
+                           "rank 1: barrier on world (waiting", "rank 2: barrier on world"],
+    "crossed_groups": ["rank 0: all_reduce op=sum float64 (2,) on tp (waiting",
+                       "rank 1: all_reduce op=sum float64 (2,) on dp (waiting"],
+}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", list(MPI_NEEDLES))
+def test_mpi_watchdog_reports_and_ends_the_job(name):
+    out, took = _run_case(name, CASES[name][0])
+    assert out.count("simpar watchdog") == 1, out              # one report per job
+    assert "waited more than 2 s (SIMPAR_WATCHDOG_S=2)" in out
+    for n in MPI_NEEDLES[name]:
+        assert n in out, (n, out)
+    assert took < 10, took
+    assert "Traceback" not in out
+
+
+@pytest.mark.mpi
+def test_mpi_run_timeout_is_honoured():
+    out, took = _run_case("slow_peer", 3, "2.5", env={"SIMPAR_WATCHDOG_S": "0"})
+    assert "passed its timeout of 2.5 s" in out, out
+    assert out.count("simpar watchdog") == 1, out
+    assert "rank 1: no answer (computing" in out, out
+    assert "rank 0: barrier on world (waiting" in out, out
+    assert took < 8, took
+
+
+@pytest.mark.mpi
+def test_mpi_early_return_is_a_clear_error():
+    out, took = _run_case("early_return", 3)
+    assert "rank 2: finished (fn returned; run gathers the results)" in out, out
+    assert "ranks 0, 1: all_reduce op=sum float64 (2,)" in out, out
+    assert out.count("Traceback") == 1, out
+    assert took < 10, took

@@ -70,6 +70,28 @@ def test_mpi_failing_rank_aborts_job(mode):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("mode,needles", [
+    ("all", ["ValueError: world size 3 != dp*tp*pp", "rank 0 of 3 failed (and ranks 1, 2 "
+                                                    "with the same error)"]),
+    ("one", ["RuntimeError: rank 1 fails on purpose", "rank 1 of 3 failed; aborting"]),
+    ("two", ["KeyError: 'rank 1 fails'", "rank 2 also failed: IndexError: rank 2 fails"]),
+    ("script", ["RuntimeError: rank 2 fails on purpose", "rank 2 of 3 failed; aborting"]),
+])
+def test_mpi_one_message_per_job(mode, needles):
+    """The failing rank prints its traceback; the others stay quiet (or print
+    one line when their error differs)."""
+    t0 = time.perf_counter()
+    res = run_mpi(3, "tests/comm/scripts/failures.py", mode, timeout=60)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    assert out.count("Traceback") == 1, out
+    assert out.count("aborting the job") == 1, out
+    for n in needles:
+        assert n in out, (n, out)
+    assert time.perf_counter() - t0 < 10
+
+
+@pytest.mark.mpi
 def test_mpi_shape_mismatch_caught_on_every_rank():
     res = run_mpi(3, "tests/comm/scripts/shape_mismatch.py", timeout=60)
     assert res.returncode == 0, res.stderr
