@@ -4,14 +4,15 @@ Every function takes arrays and returns arrays; nothing is remembered between
 calls.  A forward that hands something to its backward returns it as a ``cache``
 (a tuple), which the stateful modules of :mod:`simpar.nn.module` keep per
 micro-batch.  Shapes follow the project convention: activations ``(batch, seq,
-hidden)``; a linear weight is ``(in, out)`` so a layer computes ``Y = X W + b``.
+hidden)``; a linear weight is ``(in, out)`` so a layer computes ``Y = X A + b``
+(the parameter ``W`` is Megatron-LM's ``A``).
 
 * ``linear_*``: ``Y = X A + b``; ``dX = dY Aᵀ``, ``dA = Xᵀ dY``
   (Shoeybi et al. 2019, Megatron-LM, §3, whose notation simpar keeps);
 * ``gelu``: ``0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))`` (Hendrycks & Gimpel
   2016, §2; the approximation GPT-2 uses);
 * ``layernorm_*``: ``γ (x − μ)/√(σ² + ε) + β`` over the hidden axis (Ba et al.
-  2016, §3, eq. (3)–(4));
+  2016, §3: eq. (3) for μ and σ);
 * ``softmax``: ``exp(xᵢ) / Σⱼ exp(xⱼ)``;
 * ``causal_attention_*``: per head ``softmax(Q Kᵀ/√d + M) V``, heads
   concatenated (Vaswani et al. 2017, §3.2.1 eq. (1), §3.2.2, §3.2.3);
@@ -119,7 +120,7 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) 
 
 # ------------------------------------------------------------------- LayerNorm
 def layernorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5):
-    """Layer normalisation over the last axis (Ba et al. 2016, §3, eq. (3)–(4)):
+    """Layer normalisation over the last axis (Ba et al. 2016, §3, eq. (3)):
 
     ``μ = mean(x)``, ``σ² = mean((x − μ)²)``, ``x̂ = (x − μ)/√(σ² + ε)``,
     ``y = γ · x̂ + β``.
