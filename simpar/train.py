@@ -19,7 +19,6 @@ import argparse
 import math
 import os
 import time
-from dataclasses import asdict, is_dataclass
 
 import numpy as np
 

@@ -28,7 +28,9 @@ from ..data import CharTokenizer, get_batch, load_corpus, train_val_split
 from ..nn.moe import MoE
 from ..nn.moe_gpt import MoEGPT, MoEGPTConfig
 from ..optim import AdamW
-from ..parallel.expert import ExpertParallelMoE, expert_parallel_loss, shard_experts
+from ..comm.mesh import Mesh, ParallelConfig
+from ..parallel.expert import ExpertParallelMoE
+from ..parallel.hybrid import build_model
 
 SEQ_LEN, BATCH_PER_RANK, D_MODEL = 32, 8, 32
 # memory model (bytes): base, per device, per device² — each device builds the
@@ -101,14 +103,16 @@ def train(comm: Comm, balance_coef: float, steps: int, seed: int = 0) -> dict:
     cfg = MoEGPTConfig(vocab_size=tok.vocab_size, seq_len=SEQ_LEN, n_layer=2, n_head=4,
                        d_model=D_MODEL, n_experts=n_experts, top_k=1, capacity_factor=1.25,
                        balance_coef=balance_coef, groups=comm.size)
-    model = shard_experts(MoEGPT(cfg, seed=seed), comm)
+    # experts over all devices: data parallelism of degree ep, one expert group
+    model = build_model(MoEGPT(cfg, seed=seed), Mesh(comm, ParallelConfig(dp=comm.size,
+                                                                          ep=comm.size)))
     opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    rng = np.random.default_rng([seed, comm.rank])          # every device its own batches
+    rng = np.random.default_rng(seed)                  # the global batch, the same everywhere
     loads, dropped, aux, losses = [], [], [], []
     for _ in range(steps):
-        x, y = get_batch(ids, BATCH_PER_RANK, SEQ_LEN, rng)
+        x, y = get_batch(ids, BATCH_PER_RANK * comm.size, SEQ_LEN, rng)
         model.zero_grad()
-        losses.append(expert_parallel_loss(model, x, y, comm))
+        losses.append(model.step(x, y)["loss"])       # each device routes its own rows
         opt.step(model.gradients())
         # the load statistics, as the tracer recorded them (this device's tokens)
         recs = [e.args["moe"] for e in comm.tracer.select("compute")

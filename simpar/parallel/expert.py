@@ -40,7 +40,9 @@ batches: the loss of the union of tokens, as the reference sees it).  So
 * the router is replicated, so its gradient is **summed over the group** (an
   ``all_reduce`` in backward), the conjugate of using the same weights on
   every rank.  Every other replicated parameter of a model (attention,
-  embeddings, LayerNorms) needs the same sum: :func:`sync_replicated_grads`.
+  embeddings, LayerNorms) needs the same sum over the data-parallel group, and
+  each expert one over the ranks holding the same experts (``edp``); a whole
+  MoE GPT is laid out by :func:`simpar.parallel.hybrid.build_model`.
 
 Pitfalls this layout avoids: an auxiliary loss whose gradient is silently
 dropped (tested: it reaches the router), or scaled by the wrong group size
@@ -62,11 +64,8 @@ from ..nn.module import Module, frozen
 from ..nn.moe import (MoE, MoEStats, check_input, check_moe_config, expert_capacity,
                       expert_flops, experts_backward_region, experts_backward_weights,
                       load_balance_loss, route, router_flops, router_z_loss, top_k_backward)
-from ..nn.moe_gpt import MoETransformerBlock
-from .data import all_reduce_coalesced
 
-__all__ = ["ExpertParallelMoE", "check_expert_parallel", "shard_experts",
-           "sync_replicated_grads", "expert_parallel_loss"]
+__all__ = ["ExpertParallelMoE", "check_expert_parallel"]
 
 
 def check_expert_parallel(n_experts: int, ep: int) -> None:
@@ -180,7 +179,7 @@ class ExpertParallelMoE(Module):
         return y.reshape(x.shape)
 
     # ---------------------------------------------------------- backward
-    def backward(self, dy, key=0):
+    def backward_pass(self, dy, key=0, *, weights=True):
         s = self._pop(key)
         X, tok, cho, r = s["X"], s["tok"], s["cho"], s["routing"]
         dY = dy.reshape(-1, self.h)
@@ -192,9 +191,10 @@ class ExpertParallelMoE(Module):
         dout_recv, _ = self.comm.all_to_all(dout_sent, s["send_counts"])
         dx_recv = np.empty_like(dout_recv)
         layout = s["layout"]
-        with experts_backward_region(self, key, len(dx_recv)):
+        with experts_backward_region(self, key, len(dx_recv), weights):
             for e, expert in self.experts.items():
-                dx_recv[layout[e]] = expert.backward(dout_recv[layout[e]], key)
+                dx_recv[layout[e]] = expert.backward_pass(dout_recv[layout[e]], key,
+                                                          weights=weights)
         # gradient of the dispatch: travels like the combine
         dx_sent, _ = self.comm.all_to_all(dx_recv, s["recv_counts"])
         dX = np.zeros_like(X)
@@ -215,7 +215,7 @@ class ExpertParallelMoE(Module):
         return dX.reshape(dy.shape)
 
     def backward_weights(self, key=0) -> None:
-        """My experts' weight gradients left by a deferred backward (zero-bubble);
+        """My experts' weight gradients left by :meth:`backward_input` (zero-bubble);
         the router's was computed, and summed over the group, by ``backward``."""
         experts_backward_weights(self, key)
 
@@ -224,45 +224,3 @@ class ExpertParallelMoE(Module):
         experts then process ``k·T`` rows, as many as its own tokens make."""
         T = batch * seq
         return router_flops(T, self.h, self.n_experts) + expert_flops(self, self.k * T)
-
-
-# ============================================================ whole models
-def shard_experts(model: Module, comm: Comm) -> Module:
-    """Replace every MoE layer of ``model`` (an :class:`~simpar.nn.moe_gpt.MoEGPT`,
-    same seed on every rank) by its expert-parallel cut over ``comm``, in place.
-
-    The auxiliary losses enter with weight ``1/ep`` (global-loss convention, see
-    the module docstring).  Raises before any communication if ``n_experts`` is not
-    divisible by ``comm.size``."""
-    blocks = [b for b in model.blocks if isinstance(b, MoETransformerBlock)]
-    for b in blocks:
-        check_expert_parallel(b.moe.n_experts, comm.size)
-    for b in blocks:
-        b.replace_moe(ExpertParallelMoE.from_reference(b.moe, comm))
-    return model
-
-
-def _expert_parallel_prefixes(model: Module) -> list[str]:
-    return [name + "." for name, m in model.named_modules() if isinstance(m, ExpertParallelMoE)]
-
-
-def sync_replicated_grads(model: Module, comm: Comm) -> None:
-    """Sum over ``comm`` the gradient of every parameter outside the
-    expert-parallel layers (they are replicated on every rank), in one all-reduce
-    of one flat bucket.  (Experts are not replicated; the routers were summed in
-    the layers' backward.)"""
-    skip = _expert_parallel_prefixes(model)
-    grads = [g for name, g in model.gradients().items()
-             if not any(name.startswith(p) for p in skip)]
-    all_reduce_coalesced(grads, comm)
-
-
-def expert_parallel_loss(model: Module, idx, targets, comm: Comm, key=0) -> float:
-    """One expert-parallel training step's forward and backward on this rank's
-    batch: gradients of the global loss (mean over the group), replicated
-    gradients summed.  Returns the global loss (cross-entropy + auxiliary),
-    the same on every rank."""
-    local = model.loss(idx, targets, key, dloss=1.0 / comm.size)
-    sync_replicated_grads(model, comm)
-    total = comm.all_reduce(np.array([local]))
-    return float(total[0]) / comm.size

@@ -6,7 +6,9 @@ from hypothesis import given, settings, strategies as st
 
 from simpar import launch
 from simpar.nn.moe import MoE
-from simpar.parallel.expert import ExpertParallelMoE, shard_experts
+from simpar.comm.mesh import Mesh, ParallelConfig
+from simpar.parallel.expert import ExpertParallelMoE
+from simpar.parallel.hybrid import build_model
 from tests.mpi_util import run_mpi
 from tests.parallel.scripts import expert_checks as C
 from tests.util import assert_close
@@ -96,7 +98,7 @@ def test_experts_not_divisible_by_ep_raises_on_every_rank():
         cfg = MoEGPTConfig(vocab_size=5, seq_len=3, n_layer=1, n_head=1, d_model=4,
                            n_experts=6)
         try:
-            shard_experts(MoEGPT(cfg), comm)
+            build_model(MoEGPT(cfg), Mesh(comm, ParallelConfig(dp=4, ep=4)))
         except ValueError as e:
             seen.append((comm.rank, str(e)))
     launch(fn, 4, timeout=20)
@@ -172,8 +174,6 @@ def test_demo_mpi(tmp_path):
 @pytest.mark.timeout(30)
 def test_deferred_weight_grads_threads():
     """Zero-bubble split on the expert-parallel layer: same gradients."""
-    from simpar.nn.module import defer_weight_grads
-
     def fn(comm):
         ref, x, w, mine = C._reference(comm, 2, 0.6, 2 * comm.size)
         plain = ExpertParallelMoE.from_reference(ref, comm)
@@ -181,8 +181,7 @@ def test_deferred_weight_grads_threads():
         plain.forward(x[mine])
         plain.backward(w[mine])
         split.forward(x[mine])
-        with defer_weight_grads():
-            split.backward(w[mine])
+        split.backward_input(w[mine])
         names = [e.name for e in comm.tracer.events if e.category == "compute"]
         assert "moe.experts.backward_input" in names
         split.backward_weights()

@@ -104,7 +104,7 @@ def test_hybrid_bytes_are_the_sum_of_tp_pp_dp_terms():
     """dp2 x tp2 x pp2, m=2: every byte each rank moves, by group, from the formulas."""
     lay = BY_NAME["dp2xtp2xpp2"]
     out = simpar.launch(lambda c: _one_step(c, lay) + (c.rank,), 8)
-    b, s, h, t, m, V = lay.batch // 2 // lay.m, 8, 16, 2, lay.m, 13
+    b, s, h, t, m = lay.batch // 2 // lay.m, 8, 16, 2, lay.m
     for events, model, rank in out:
         stage = next(iter(model.stages.values()))
         by = defaultdict(float)
@@ -192,8 +192,9 @@ def test_bad_layouts_fail_on_every_rank_before_any_message(name, case, match):
 
 def test_check_layout_needs_no_communicator():
     ref = make_reference(Layout("x", ParallelConfig(), n_layer=2))
-    with pytest.raises(ValueError, match="zb-h1"):
-        check_layout(ref, ParallelConfig(tp=2, pp=2), "zb-h1")
+    check_layout(ref, ParallelConfig(tp=2, pp=2), "zb-h1")     # I/W split under tp: fine
+    with pytest.raises(ValueError, match="interleaved"):
+        check_layout(ref, ParallelConfig(pp=2, vpp=2), "1f1b")
     with pytest.raises(ValueError, match="needs a model with MoE"):
         check_layout(ref, ParallelConfig(dp=2, ep=2), "1f1b")
 

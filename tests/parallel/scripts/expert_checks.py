@@ -26,8 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from simpar import sim, trace  # noqa: E402
 from simpar.nn.moe import MoE  # noqa: E402
 from simpar.nn.moe_gpt import MoEGPT, MoEGPTConfig  # noqa: E402
-from simpar.parallel.expert import (ExpertParallelMoE, expert_parallel_loss,  # noqa: E402
-                                    shard_experts)
+from simpar.comm.mesh import Mesh, ParallelConfig  # noqa: E402
+from simpar.parallel.expert import ExpertParallelMoE  # noqa: E402
+from simpar.parallel.hybrid import build_model  # noqa: E402
 from tests.util import assert_close  # noqa: E402
 
 CLUSTER = sim.a100_cluster(devices_per_node=2)     # ep = 4 spans two "nodes"
@@ -142,7 +143,6 @@ def check_gpt(comm, top_k=2, cf=1.0) -> None:
     b = 2
     idx = rng.integers(0, cfg.vocab_size, size=(comm.size * b, cfg.seq_len))
     tgt = rng.integers(0, cfg.vocab_size, size=idx.shape)
-    mine = slice(comm.rank * b, (comm.rank + 1) * b)
 
     ref = MoEGPT(cfg, seed=3)
     ref.init_random_(np.random.default_rng(4), std=0.3)
@@ -150,15 +150,15 @@ def check_gpt(comm, top_k=2, cf=1.0) -> None:
     with trace.untraced():
         loss_ref = ref.loss(idx, tgt)
 
-    model = MoEGPT(cfg, seed=3)
-    model.load_state_dict(sd)
-    shard_experts(model, comm)
-    loss = expert_parallel_loss(model, idx[mine], tgt[mine], comm)
+    start = MoEGPT(cfg, seed=3)
+    start.load_state_dict(sd)
+    model = build_model(start, Mesh(comm, ParallelConfig(dp=comm.size, ep=comm.size)))
+    loss = model.step(idx, tgt)["loss"]              # the global batch; rank r keeps rows r·b…
     assert_close(loss, loss_ref, "GPT loss (cross-entropy + auxiliary)")
     ref_grads = ref.gradients()
     for name, g in model.gradients().items():
         assert_close(g, ref_grads[name], name)
-    layer = model.blocks[1].moe
+    layer = model.stages[0].blocks[1].moe
     mine_experts = {f"experts.{e}." for e in layer.experts}
     assert set(model.gradients()) == {
         n for n in ref_grads if ".moe.experts." not in n
