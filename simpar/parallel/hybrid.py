@@ -174,6 +174,11 @@ class HybridModel:
             for name, g in reversed(list(self.stages[s].gradients().items())):
                 if name not in dense and name not in expert:
                     (expert if name in experts else dense)[name] = g
+        self._holders = {}                        # name -> local stages holding it
+        for st in self.stages.values():
+            for name in st.parameters():
+                self._holders[name] = self._holders.get(name, 0) + 1
+        self._reports: dict[str, int] = {}
         self.buckets = [GradientBuckets(grads, comm, self.bucket_bytes, self.overlap)
                         for grads, comm in ((dense, self.mesh.dp), (expert, self.mesh.edp))
                         if grads and comm.size > 1]
@@ -212,8 +217,16 @@ class HybridModel:
         return self._global_loss(result, dp * m, idx.shape[0] // dp / idx.shape[0])
 
     def _ready(self, names: Sequence[str]) -> None:
+        """A stage reports gradients final; a name held by several local stages (a
+        tied ``wte`` when one rank holds the first and the last chunk) is final
+        when every one of them has reported it."""
+        done = []
+        for name in names:
+            self._reports[name] = self._reports.get(name, 0) + 1
+            if self._reports[name] == self._holders[name]:
+                done.append(name)
         for b in self.buckets:
-            b.ready(names)
+            b.ready(done)
 
     def sync_grads(self) -> None:
         """Sum every gradient over the group that replicates it (table above)."""
@@ -221,6 +234,7 @@ class HybridModel:
             raise RuntimeError("gradients already summed this step (sync_grads twice): "
                                "call zero_grad() before the next step")
         self._synced = True
+        self._reports.clear()
         for b in self.buckets:                    # dp (dense), edp (experts)
             b.finish()
         if self.embedding is not None:            # tied wte: first + last stage

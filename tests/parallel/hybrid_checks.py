@@ -51,6 +51,8 @@ LAYOUTS = [
     Layout("tp2+SPxpp2", P(tp=2, pp=2), {"sequence_parallel": True}),
     Layout("interleaved vpp2 pp2xdp2", P(dp=2, pp=2, vpp=2), {"schedule": "interleaved"}),
     Layout("tied pp2", P(pp=2), tied=True),
+    Layout("tied interleaved vpp2 dp2, overlap", P(dp=2, vpp=2), tied=True,
+           options={"schedule": "interleaved", "overlap": True, "bucket_bytes": 1000}),
     Layout("tied tp2xpp2xdp2", P(dp=2, tp=2, pp=2), tied=True),
     Layout("zb-h1 pp2xdp2", P(dp=2, pp=2), {"schedule": "zb-h1"}, m=4),
     Layout("overlap dp2xpp2, 1 KB buckets", P(dp=2, pp=2), {"overlap": True,
