@@ -38,6 +38,7 @@ from ..trace import Tracer
 #: dtypes a message may carry (MPI maps each to a builtin datatype)
 DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.int32))
 REDUCE_OPS = ("sum", "max", "min")
+MAX_TAG = 32767                 # MPI guarantees tags up to at least 2**15 - 1
 
 _KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "barrier",
           "iall_reduce", "split", "gather_objects", "agree")
@@ -310,6 +311,7 @@ class Comm:
         """Non-blocking send.  The sender's simulated time travels with the message
         (an envelope also carrying dtype and shape, checked by the receiver)."""
         self._check_rank(dst, "dst")
+        self._check_tag(tag)
         x = as_message(x)
         env = np.zeros(_ENVELOPE_LEN)
         env[0] = self.tracer.sim_now
@@ -331,7 +333,13 @@ class Comm:
     def irecv(self, shape: Sequence[int], dtype, src: int, tag: int = 0) -> Request:
         """Non-blocking receive into a fresh array (never a reused buffer)."""
         self._check_rank(src, "src")
-        shape = tuple(int(d) for d in shape)
+        self._check_tag(tag)
+        try:
+            shape = tuple(int(d) for d in shape)
+        except TypeError:
+            raise TypeError(f"recv: shape must be a sequence of integers, got {shape!r}") from None
+        if any(d < 0 for d in shape):
+            raise ValueError(f"recv: negative dimension in shape {shape}")
         dtype = np.dtype(dtype)
         if dtype not in DTYPES:
             raise TypeError(f"unsupported dtype {dtype}")
@@ -420,8 +428,15 @@ class Comm:
 
     # ============================================================= helpers
     def _check_rank(self, r: int, what: str) -> None:
-        if not isinstance(r, (int, np.integer)) or not 0 <= r < self.size:
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r < self.size:
             raise ValueError(f"{what}={r!r} is not a rank of {self.name} (size {self.size})")
+
+    @staticmethod
+    def _check_tag(tag: int) -> None:
+        if isinstance(tag, bool) or not isinstance(tag, (int, np.integer)) \
+                or not 0 <= tag <= MAX_TAG:
+            raise ValueError(f"tag={tag!r} must be an integer in [0, {MAX_TAG}] "
+                             "(the range every MPI guarantees)")
 
     def _link_to(self, peer: int) -> sim.LinkSpec:
         return self.tracer.cluster.link((self.world_ranks[self.rank], self.world_ranks[peer]))
