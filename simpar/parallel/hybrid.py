@@ -139,6 +139,7 @@ class HybridModel:
         self.embedding = embedding_group(mesh, self.config.tie_weights)
         self._make_buckets()
         self._synced = False
+        self.zero = None       # a ZeRO DistributedOptimizer (stages 1-3) sets itself here
 
     # --------------------------------------------------------- parameters
     def _unique(self, which: str) -> dict[str, np.ndarray]:
@@ -210,7 +211,8 @@ class HybridModel:
         schedule = make_schedule(self.schedule_name, self.mesh.config.pp, m,
                                  self.mesh.config.vpp)
         r = self.mesh.coords.dp
-        result = run_schedule(self.mesh.pp, schedule, self.stages, split_batch(idx, r, dp, m),
+        run = run_schedule if self.zero is None else self.zero.run_schedule   # ZeRO-3: gathers
+        result = run(self.mesh.pp, schedule, self.stages, split_batch(idx, r, dp, m),
                               split_batch(targets, r, dp, m), loss_tokens=targets.size,
                               grads_ready=self._ready)
         self.sync_grads()
@@ -235,7 +237,7 @@ class HybridModel:
                                "call zero_grad() before the next step")
         self._synced = True
         self._reports.clear()
-        for b in self.buckets:                    # dp (dense), edp (experts)
+        for b in self.buckets if self.zero is None else ():   # dp (dense), edp (experts)
             b.finish()
         if self.embedding is not None:            # tied wte: first + last stage
             g = self.gradients()["wte"]
@@ -245,6 +247,8 @@ class HybridModel:
             allreduce_sequence_parallel_grads(sp, self.mesh.tp)
             for st in self.stages.values():
                 st.clear_sequence_parallel_pending()
+        if self.zero is not None:                 # ZeRO: reduce-scatter into its shards
+            self.zero.reduce_grads()
 
     def _global_loss(self, result: StepResult, groups: int, share: float) -> dict:
         """Cross-entropy (last stage) + auxiliary losses (every stage), counted
@@ -261,6 +265,8 @@ class HybridModel:
         (tp-replicated on tp rank 0, dp-replicated on dp rank 0, experts on edp
         rank 0, routers on ep rank 0, the tied ``wte`` on the first stage);
         one all-reduce over the world."""
+        if self.zero is not None:                 # ZeRO: from the gradient shards
+            return self.zero.grad_norm()
         c, mesh = self.mesh.coords, self.mesh
         experts = self._expert_names()
         sharded = set().union(*(st.tp_sharded() for st in self.stages.values()))
@@ -280,6 +286,8 @@ class HybridModel:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Scale every shard so the global norm is at most ``max_norm``; the norm before."""
+        if self.zero is not None:
+            return self.zero.clip_grad_norm(max_norm)
         return clip_grad_norm(self.gradients(), max_norm, norm=self.grad_norm())
 
     # ------------------------------------------------ reference-shaped view
@@ -287,6 +295,8 @@ class HybridModel:
         """Every parameter (or gradient) of the whole model at its reference shape,
         on every rank (collective over the world; a cold path for tests and
         checkpoints)."""
+        if self.zero is not None:                 # ZeRO: the values live in the shards
+            self.zero.materialize(which)
         local = {}
         for s in sorted(self.stages):
             st = self.stages[s]
@@ -297,6 +307,8 @@ class HybridModel:
         for part in self.mesh.world.gather_objects(local):
             for name, a in part.items():
                 merged.setdefault(name, a)
+        if self.zero is not None:
+            self.zero.dematerialize(which)
         return merged
 
 
