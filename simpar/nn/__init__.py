@@ -16,10 +16,10 @@ from .functional import (attention_flops, causal_attention_backward, causal_atte
                          softmax, softmax_backward)
 from .gpt import GPT, GPTConfig
 from .layers import MLP, CausalSelfAttention, Embedding, LayerNorm, Linear, TransformerBlock
-from .module import Module, defer_weight_grads
+from .module import Module
 
 __all__ = [
-    "functional", "Module", "defer_weight_grads",
+    "functional", "Module",
     "Linear", "LayerNorm", "MLP", "CausalSelfAttention", "TransformerBlock", "Embedding",
     "GPT", "GPTConfig",
     "linear_forward", "linear_backward", "gelu", "gelu_backward",

@@ -28,7 +28,7 @@ import numpy as np
 from .. import trace
 from . import functional as F
 from .layers import LayerNorm, Linear, TransformerBlock, _check_ids, normal_init
-from .module import Module, deferring_weight_grads, frozen
+from .module import Module, frozen
 
 
 @dataclass
@@ -110,15 +110,17 @@ class GPT(Module):
             self._save(key, slot="head", xn=xn)        # ln_f output: our own array
             return F.linear_forward(xn, self.params["wte"].T)
 
-    def head_backward(self, dlogits, key=0):
+    def head_backward(self, dlogits, key=0, *, weights=True):
+        """``ln_f`` and LM-head backward; ``weights=False`` (zero-bubble ``I``) leaves
+        the head's weight gradient for :meth:`head_backward_weights`."""
         b, s = dlogits.shape[0], dlogits.shape[1]
-        deferred = deferring_weight_grads()     # zero-bubble I: the weight grad waits
+        deferred = not weights                  # zero-bubble I: the weight grad waits
         name = "head.backward_input" if deferred else "head.backward"
         with trace.compute(name, flops=(1 if deferred else 2) * self.head_flops(b, s)):
             if self.lm_head is not None:
                 if deferred:
                     self._save(key, slot="head_W", shape=(b, s))
-                dxn = self.lm_head.backward(dlogits, key)
+                dxn = self.lm_head.backward_pass(dlogits, key, weights=weights)
             else:
                 xn = self._pop(key, slot="head")["xn"]
                 if deferred:
@@ -131,7 +133,7 @@ class GPT(Module):
             return self.ln_f.backward(dxn, key)
 
     def head_backward_weights(self, key=0) -> None:
-        """The LM head's weight gradient left by a deferred :meth:`head_backward`."""
+        """The LM head's weight gradient left by ``head_backward(weights=False)``."""
         saved = self._pop(key, slot="head_W")
         with trace.compute("head.backward_weights", flops=self.head_flops(*saved["shape"])):
             if self.lm_head is not None:
@@ -141,7 +143,7 @@ class GPT(Module):
                 self.grads["wte"] += dWt.T
 
     def backward_weights(self, key=0) -> None:
-        """All weight gradients left by a deferred :meth:`backward` of ``key``."""
+        """All weight gradients left by :meth:`backward_input` of ``key``."""
         self.head_backward_weights(key)
         for block in reversed(self.blocks):
             block.backward_weights(key)
@@ -154,11 +156,12 @@ class GPT(Module):
             x = block.forward(x, key)
         return self.head_forward(x, key)
 
-    def backward(self, dlogits, key=0) -> None:
-        """Accumulate all parameter gradients from ``dlogits`` (returns ``None``)."""
-        dx = self.head_backward(dlogits, key)
+    def backward_pass(self, dlogits, key=0, *, weights=True) -> None:
+        """Accumulate the parameter gradients from ``dlogits`` (returns ``None``);
+        ``weights=False``: the linear layers' wait for :meth:`backward_weights`."""
+        dx = self.head_backward(dlogits, key, weights=weights)
         for block in reversed(self.blocks):
-            dx = block.backward(dx, key)
+            dx = block.backward_pass(dx, key, weights=weights)
         self.embed_backward(dx, key)
 
     def loss(self, idx, targets, key=0) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 from .. import trace
 from . import functional as F
 from . import kernels as K
-from .module import Module, deferring_weight_grads, frozen
+from .module import Module, frozen
 
 INIT_STD = 0.02
 
@@ -48,9 +48,11 @@ class Linear(Module):
         self._save(key, copy={"x": x})
         return y
 
-    def backward(self, dy, key=0):
+    def backward_pass(self, dy, key=0, *, weights=True):
+        """``dx = dy Wᵀ``; with ``weights`` also ``dW = xᵀ dy``, ``db = Σ dy``, else
+        those wait for :meth:`backward_weights` (zero-bubble ``I`` / ``W``)."""
         x = self._pop(key)["x"]
-        if deferring_weight_grads():            # zero-bubble I: dW, db wait for W
+        if not weights:                         # zero-bubble I: dW, db wait for W
             self._save(key, copy={"dy": dy}, slot="W", x=x)     # x: already our copy
             return F.linear_backward_input(dy, self.params["W"])
         dx, dW, db = F.linear_backward(dy, x, self.params["W"])
@@ -86,7 +88,9 @@ class LayerNorm(Module):
         self._save(key, xhat=xhat, rstd=rstd)      # computed here: no copy needed
         return y
 
-    def backward(self, dy, key=0):
+    def backward_pass(self, dy, key=0, *, weights=True):
+        """``dx``, and always ``dγ``, ``dβ``: they are sums, not GEMMs, and cost
+        nothing worth deferring (so ``weights`` changes nothing here)."""
         s = self._pop(key)
         dx, dgamma, dbeta = K.layernorm_backward_fast(
             dy, (s["xhat"], s["rstd"], self.params["gamma"]))
@@ -110,10 +114,11 @@ class MLP(Module):
         self._save(key, a=a)
         return self.fc2.forward(frozen(K.gelu_fast(a)), key)
 
-    def backward(self, dy, key=0):
-        dg = self.fc2.backward(dy, key)
+    def backward_pass(self, dy, key=0, *, weights=True):
+        dg = self.fc2.backward_pass(dy, key, weights=weights)
         a = self._pop(key)["a"]
-        return self.fc1.backward(K.gelu_backward_fast(dg, a, out=dg), key)   # dg is ours
+        return self.fc1.backward_pass(K.gelu_backward_fast(dg, a, out=dg), key,  # dg is ours
+                                      weights=weights)
 
 
 class CausalSelfAttention(Module):
@@ -140,16 +145,16 @@ class CausalSelfAttention(Module):
         self._save(key, q=q, k=k, v=v, att=att)    # views of our own qkv buffer
         return self.proj.forward(frozen(y), key)
 
-    def backward(self, dy, key=0):
+    def backward_pass(self, dy, key=0, *, weights=True):
         h = self.h
-        dy = self.proj.backward(dy, key)
+        dy = self.proj.backward_pass(dy, key, weights=weights)
         s = self._pop(key)
         scale = 1.0 / math.sqrt(h // self.n_head)
         dqkv = np.empty(dy.shape[:-1] + (3 * h,), dtype=dy.dtype)
         K.attention_backward_fast(
             dy, (s["q"], s["k"], s["v"], s["att"], scale),
             out=(dqkv[..., :h], dqkv[..., h:2 * h], dqkv[..., 2 * h:]))
-        return self.qkv.backward(dqkv, key)
+        return self.qkv.backward_pass(dqkv, key, weights=weights)
 
     def flops(self, batch: int, seq: int) -> float:
         return super().flops(batch, seq) + F.attention_flops(batch, seq, self.h)
@@ -183,21 +188,22 @@ class TransformerBlock(Module):
             y += x1
         return y
 
-    def backward(self, dy, key=0):
+    def backward_pass(self, dy, key=0, *, weights=True):
         b, s = dy.shape[0], dy.shape[1]
         name, flops = f"{self.trace_name}.backward", 2 * self.flops(b, s)
-        if deferring_weight_grads():            # input gradients only (zero-bubble I)
+        if not weights:                         # input gradients only (zero-bubble I)
             name, flops = f"{self.trace_name}.backward_input", flops - self.weight_grad_flops(b, s)
             self._save(key, slot="W", shape=(b, s))
+        w = weights
         with trace.compute(name, flops=flops):
-            dx1 = self.ln2.backward(self.mlp.backward(dy, key), key)
+            dx1 = self.ln2.backward_pass(self.mlp.backward_pass(dy, key, weights=w), key)
             dx1 += dy
-            dx = self.ln1.backward(self.attn.backward(dx1, key), key)
+            dx = self.ln1.backward_pass(self.attn.backward_pass(dx1, key, weights=w), key)
             dx += dx1
         return dx
 
     def backward_weights(self, key=0) -> None:
-        """Weight gradients of the linear layers left by a deferred backward
+        """Weight gradients of the linear layers left by :meth:`backward_input`
         (recorded as ``f"{trace_name}.backward_weights"``).  LayerNorm's ``gamma``
         and ``beta`` gradients are cheap and were computed by the backward itself."""
         b, s = self._pop(key, slot="W")["shape"]
@@ -227,7 +233,8 @@ class Embedding(Module):
         self._save(key, copy={"ids": ids})
         return F.embedding_forward(ids, self.params["W"])
 
-    def backward(self, dy, key=0):
+    def backward_pass(self, dy, key=0, *, weights=True):
+        """Scatter-add ``dy`` into ``dW`` (no GEMM: done by ``I`` too); returns ``None``."""
         ids = self._pop(key)["ids"]
         F.embedding_backward(dy, ids, self.vocab, out=self.grads["W"])
         return None

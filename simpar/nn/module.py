@@ -20,43 +20,33 @@ Rules every module follows:
   receive buffer is writeable and is always copied.
 * Gradients **accumulate**: ``backward`` adds into ``m.grads[name]``; call
   :meth:`zero_grad` between steps.
+* **The backward pass in two calls** (zero-bubble pipelines, Qi et al. 2023, §2;
+  PyTorch's ``stage_backward_input`` / ``stage_backward_weight``).  For a linear
+  layer ``Y = X W`` the backward is two independent GEMMs:
+  ``I: dX = dY Wᵀ`` (needed by the previous layer at once) and
+  ``W: dW = Xᵀ dY`` (needed only by the optimizer).  So every module offers
+
+  - ``dx = m.backward_input(dy, key)`` — ``I`` only; what ``W`` needs (``X`` and
+    ``dY`` of each linear layer) stays saved under ``key``;
+  - ``m.backward_weights(key)`` — ``W``: the deferred weight gradients of ``key``;
+  - ``dx = m.backward(dy, key)`` — both, in one pass (no ``dY`` is kept).
+
+  A module writes its backward once, as :meth:`Module.backward_pass` with an
+  explicit ``weights`` argument (``True``: both, ``False``: ``I`` only) that it
+  passes on to its children; no hidden state decides what a call computes.
+  Cheap weight gradients that need no GEMM (LayerNorm's ``γ``, ``β``, an
+  embedding's scatter-add) are computed by ``I`` as well.
 * ``m.params`` holds the module's own parameters, ``m.children`` its sub-modules,
   in registration order; :meth:`parameters` flattens the tree into dotted names
   (``blocks.0.attn.qkv.W``) whose values are the live arrays.
 """
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
 
 from .. import trace
-
-
-_DEFER = threading.local()
-
-
-@contextmanager
-def defer_weight_grads():
-    """Inside this block ``backward`` computes input gradients only; every
-    :class:`~simpar.nn.layers.Linear` keeps, per key, what its weight gradient
-    needs, and :meth:`Module.backward_weights` computes it later.  This is the
-    split of a backward pass into ``B`` (input gradient) and ``W`` (weight
-    gradient) of zero-bubble pipeline schedules (Qi et al. 2023, §2).  The flag is
-    per thread (one rank of the threads backend)."""
-    before = deferring_weight_grads()
-    _DEFER.on = True
-    try:
-        yield
-    finally:
-        _DEFER.on = before
-
-
-def deferring_weight_grads() -> bool:
-    """True inside :func:`defer_weight_grads` on this thread."""
-    return getattr(_DEFER, "on", False)
 
 
 def frozen(a: np.ndarray) -> np.ndarray:
@@ -250,11 +240,27 @@ class Module:
         raise NotImplementedError
 
     def backward(self, dy, key=0):
-        raise NotImplementedError
+        """Input gradient and every weight gradient of micro-batch ``key``: what
+        :meth:`backward_input` followed by :meth:`backward_weights` computes, in
+        one pass."""
+        return self.backward_pass(dy, key, weights=True)
+
+    def backward_input(self, dy, key=0):
+        """Zero-bubble ``I``: the input gradient only.  Each linear layer keeps its
+        ``X`` and ``dY`` under ``key`` until :meth:`backward_weights` (``W``)."""
+        return self.backward_pass(dy, key, weights=False)
+
+    def backward_pass(self, dy, key=0, *, weights: bool = True):
+        """The backward every module implements once: ``weights=True`` computes
+        the weight gradients too (:meth:`backward`), ``weights=False`` leaves
+        them for :meth:`backward_weights` (:meth:`backward_input`).  A composite
+        module passes ``weights`` on to its children."""
+        raise NotImplementedError(f"{type(self).__name__} has no backward_pass")
 
     def backward_weights(self, key=0) -> None:
-        """The weight gradients a ``backward`` under :func:`defer_weight_grads` left
-        for ``key`` (accumulated into ``grads``).  A composite module asks its children."""
+        """Zero-bubble ``W``: the weight gradients a :meth:`backward_input` of
+        ``key`` left (accumulated into ``grads``).  A composite module asks its
+        children; a leaf with nothing deferred does nothing."""
         for child in self.children.values():
             child.backward_weights(key)
 

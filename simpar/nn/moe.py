@@ -63,7 +63,7 @@ import numpy as np
 from .. import trace
 from . import functional as F
 from .layers import MLP, Linear, _rng
-from .module import Module, deferring_weight_grads, frozen
+from .module import Module, frozen
 
 BALANCE_COEF = 0.01      # α of the Switch load-balancing loss (Fedus et al. 2021)
 Z_COEF = 0.001           # coefficient of the router z-loss (Zoph et al. 2022)
@@ -368,7 +368,7 @@ class MoE(Module):
         return y.reshape(x.shape)
 
     # --------------------------------------------------------- backward
-    def backward(self, dy, key=0):
+    def backward_pass(self, dy, key=0, *, weights=True):
         s = self._pop(key)
         X, tok, cho, gates = s["X"], s["tok"], s["cho"], s["gates"]
         dY = dy.reshape(-1, self.h)
@@ -381,9 +381,10 @@ class MoE(Module):
                 dYa = dY[tok[a]]
                 dgates[tok[a], cho[a]] = np.einsum("ij,ij->i", dYa, s[f"out{e}"])
                 douts[e] = gates[tok[a], cho[a], None] * dYa
-        with experts_backward_region(self, key, len(tok)):
+        with experts_backward_region(self, key, len(tok), weights):
             for e, expert in self.experts.items():
-                dX[tok[s["per_expert"][e]]] += expert.backward(douts[e], key)
+                dX[tok[s["per_expert"][e]]] += expert.backward_pass(douts[e], key,
+                                                                    weights=weights)
         T = X.shape[0]
         with trace.compute(f"{self.trace_name}.router.backward",
                            flops=2 * router_flops(T, self.h, self.n_experts)):
@@ -397,9 +398,8 @@ class MoE(Module):
         return dX.reshape(dy.shape)
 
     def backward_weights(self, key=0) -> None:
-        """The experts' weight gradients left by a backward under
-        :func:`~simpar.nn.module.defer_weight_grads` (the router's small weight
-        gradient is always computed by ``backward`` itself)."""
+        """The experts' weight gradients left by :meth:`backward_input` (the
+        router's small weight gradient is always computed by the backward itself)."""
         experts_backward_weights(self, key)
 
     def flops(self, batch: int, seq: int) -> float:
@@ -414,12 +414,12 @@ def expert_flops(layer: Module, rows: int) -> float:
     return next(iter(layer.experts.values())).flops(1, rows)
 
 
-def experts_backward_region(layer: Module, key, rows: int):
+def experts_backward_region(layer: Module, key, rows: int, weights: bool):
     """The compute region of the experts' backward: ``<name>.experts.backward``
-    (2 × forward FLOPs), or, when weight gradients are deferred (zero-bubble),
+    (2 × forward FLOPs), or, with ``weights=False`` (zero-bubble ``I``),
     ``<name>.experts.backward_input`` (1 ×) with the rest left for
     :func:`experts_backward_weights`."""
-    if deferring_weight_grads():
+    if not weights:
         layer._save(key, slot="W", rows=rows)
         return trace.compute(f"{layer.trace_name}.experts.backward_input",
                              flops=expert_flops(layer, rows))

@@ -31,7 +31,7 @@ from .. import trace
 from . import functional as F
 from .gpt import GPT, GPTConfig
 from .layers import CausalSelfAttention, LayerNorm, Linear
-from .module import Module, deferring_weight_grads, frozen
+from .module import Module, frozen
 from .moe import BALANCE_COEF, Z_COEF, MoE, check_moe_config
 
 __all__ = ["MoEGPTConfig", "MoETransformerBlock", "MoEGPT"]
@@ -97,23 +97,23 @@ class MoETransformerBlock(Module):
     def _attn_weight_grad_flops(self, b: int, s: int) -> float:
         return sum(m.flops(b, s) for _, m in self.attn.named_modules() if isinstance(m, Linear))
 
-    def backward(self, dy, key=0):
+    def backward_pass(self, dy, key=0, *, weights=True):
         b, s = dy.shape[0], dy.shape[1]
-        dxn = self.moe.backward(dy, key)
+        dxn = self.moe.backward_pass(dy, key, weights=weights)
         name, flops = f"{self.trace_name}.attn.backward", 2 * self._attn_flops(b, s)
-        if deferring_weight_grads():            # input gradients only (zero-bubble I)
+        if not weights:            # input gradients only (zero-bubble I)
             name = f"{self.trace_name}.attn.backward_input"
             flops -= self._attn_weight_grad_flops(b, s)
             self._save(key, slot="W", shape=(b, s))
         with trace.compute(name, flops=flops):
             dx1 = self.ln2.backward(dxn, key)
             dx1 += dy
-            dx = self.ln1.backward(self.attn.backward(dx1, key), key)
+            dx = self.ln1.backward(self.attn.backward_pass(dx1, key, weights=weights), key)
             dx += dx1
         return dx
 
     def backward_weights(self, key=0) -> None:
-        """Weight gradients left by a deferred backward: the MoE layer's experts,
+        """Weight gradients left by :meth:`backward_input`: the MoE layer's experts,
         then attention's linear layers."""
         self.moe.backward_weights(key)
         b, s = self._pop(key, slot="W")["shape"]

@@ -73,9 +73,6 @@ def check_layout(reference: GPT, mesh_config, schedule: str = "1f1b",
     if cfg.vpp > 1 and schedule != "interleaved":
         raise ValueError(f"vpp={cfg.vpp} model chunks per rank need schedule='interleaved', "
                          f"got {schedule!r}")
-    if schedule == "zb-h1" and cfg.tp > 1:
-        raise ValueError("schedule 'zb-h1' splits backward into I and W, which the "
-                         f"tensor-parallel layers do not do yet: use tp=1 (got tp={cfg.tp})")
     if isinstance(reference, MoEGPT):
         n_experts = reference.config.n_experts
         if n_experts % cfg.ep:

@@ -1,15 +1,19 @@
 """The zero-bubble split of a backward pass: input gradients now (``I``), weight
-gradients later (``W``), via ``defer_weight_grads`` and ``backward_weights``."""
+gradients later (``W``), as two explicit calls: ``backward_input(dy, key)`` and
+``backward_weights(key)``; ``backward`` is both.  No hidden state decides what a
+call computes (checked: no thread-local state under ``simpar/nn`` or
+``simpar/parallel``)."""
+import pathlib
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simpar import trace
-from simpar.nn import (GPT, MLP, CausalSelfAttention, GPTConfig, Linear, TransformerBlock,
-                       defer_weight_grads)
+from simpar.nn import GPT, MLP, CausalSelfAttention, GPTConfig, Linear, TransformerBlock
 from simpar.nn import functional as F
-from simpar.nn.module import deferring_weight_grads
 
 from .gradcheck import assert_grad_close, numerical_grad
 
@@ -26,8 +30,7 @@ def _h(m):
 
 
 def split_backward(m, dy, key):
-    with defer_weight_grads():
-        dx = m.backward(dy, key)
+    dx = m.backward_input(dy, key)
     m.backward_weights(key)
     return dx
 
@@ -62,10 +65,7 @@ def test_weight_grads_wait_for_backward_weights():
     blk = FACTORIES["block"](rng)
     x = rng.standard_normal((1, 4, 6))
     blk.forward(x, key=0)
-    with defer_weight_grads():
-        assert deferring_weight_grads()
-        blk.backward(rng.standard_normal((1, 4, 6)), key=0)
-    assert not deferring_weight_grads()
+    blk.backward_input(rng.standard_normal((1, 4, 6)), key=0)
     g = blk.gradients()
     assert all(not g[k].any() for k in g if k.endswith((".W", ".b")))      # linear: later
     assert g["ln1.gamma"].any() and g["ln2.beta"].any()                    # LayerNorm: now
@@ -91,8 +91,7 @@ def test_gpt_split_backward(tied, b, s, seed):
     ref = {k: g.copy() for k, g in m.gradients().items()}
     m.zero_grad()
     m.forward(idx, key=1)
-    with defer_weight_grads():
-        m.backward(w, key=1)
+    m.backward_input(w, key=1)
     m.backward_weights(1)
     assert m.saved_keys() == []
     for k, g in m.gradients().items():
@@ -116,8 +115,7 @@ def test_trace_flops_and_ledger():
     trace.activate(tr)
     try:
         m.forward(idx, key=0)
-        with defer_weight_grads():
-            m.backward(np.ones((2, 4, 11)), key=0)
+        m.backward_input(np.ones((2, 4, 11)), key=0)
         held = tr.memory.current["activations"]
         m.backward_weights(0)
     finally:
@@ -130,3 +128,33 @@ def test_trace_flops_and_ledger():
     assert fl["block0.backward_weights"] == blk.weight_grad_flops(2, 4)
     assert fl["head.backward_input"] == fl["head.backward_weights"] == fl["head.forward"]
     assert held > 0 and tr.memory.current["activations"] == 0
+
+
+def test_a_plain_backward_defers_nothing_and_calls_interleave():
+    """``backward`` after a ``backward_input`` of another key computes its own weight
+    gradients at once (no state carries over from one call to the next)."""
+    rng = np.random.default_rng(1)
+    blk = FACTORIES["block"](rng)
+    x = rng.standard_normal((1, 4, 6))
+    dy = rng.standard_normal((1, 4, 6))
+    blk.forward(x, key="a")
+    blk.forward(x, key="b")
+    blk.backward_input(dy, key="a")
+    blk.backward(dy, key="b")                      # complete: W of "b" is done
+    assert blk.saved_keys() == ["a"]               # only a's W inputs wait
+    blk.backward_weights("a")
+    g = {k: v.copy() for k, v in blk.gradients().items()}
+    blk.zero_grad()
+    for key in ("c", "d"):
+        blk.forward(x, key=key)
+        blk.backward(dy, key=key)
+    for k in g:
+        np.testing.assert_allclose(g[k], blk.gradients()[k], rtol=1e-13, atol=1e-14, err_msg=k)
+
+
+def test_no_thread_local_state_in_nn_or_parallel():
+    root = pathlib.Path(__file__).resolve().parents[2] / "simpar"
+    hits = [f"{p}:{i}" for d in ("nn", "parallel") for p in sorted((root / d).rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"threading\.local|contextvars|defer_weight_grads", line)]
+    assert hits == []

@@ -194,7 +194,7 @@ def test_check_layout_needs_no_communicator():
     ref = make_reference(Layout("x", ParallelConfig(), n_layer=2))
     check_layout(ref, ParallelConfig(tp=2, pp=2), "zb-h1")     # I/W split under tp: fine
     with pytest.raises(ValueError, match="interleaved"):
-        check_layout(ref, ParallelConfig(pp=2, vpp=2), "1f1b")
+        check_layout(ref, ParallelConfig(pp=1, vpp=2), "1f1b")
     with pytest.raises(ValueError, match="needs a model with MoE"):
         check_layout(ref, ParallelConfig(dp=2, ep=2), "1f1b")
 

@@ -25,7 +25,7 @@ import numpy as np
 from typing import Callable
 
 from ...comm import Comm
-from ...nn import GPT, defer_weight_grads
+from ...nn import GPT
 from ...nn import functional as Fn
 from ...nn.functional import linear_flops as F_linear_flops
 from ...nn.module import Module
@@ -150,7 +150,8 @@ class PipelineStage(Module):
     :meth:`loss_backward` compute the cross-entropy.  ``backward(dy, key)``
     returns the gradient of the stage's input (``None`` on the first stage).
     :meth:`backward_input` / :meth:`backward_weights` are the zero-bubble
-    ``I``/``W`` split (reference pieces only).
+    ``I``/``W`` split (Qi et al. 2023, §2), with reference and tensor-parallel
+    pieces alike: two explicit calls, as the ZB-H1 schedule's ``I`` and ``W``.
     """
 
     def __init__(self, model: GPT, index: int, n_stages: int, layers: range,
@@ -225,16 +226,27 @@ class PipelineStage(Module):
         return x
 
     def backward(self, dy, key=0, grads_ready: Callable[[list[str]], None] | None = None):
-        """Input gradient of the stage; ``grads_ready(names)`` is told, piece by
-        piece, which gradients are complete (data parallelism's overlap hook)."""
-        ready = grads_ready or _ignore
-        pieces = self.piece_names() if grads_ready else {}
+        """Input gradient of the stage and all its weight gradients;
+        ``grads_ready(names)`` is told, piece by piece, which gradients are
+        complete (data parallelism's overlap hook)."""
+        return self.backward_pass(dy, key, weights=True, grads_ready=grads_ready)
+
+    def backward_input(self, dy, key=0):
+        """The zero-bubble ``I``: the stage's input gradient; the linear layers'
+        weight gradients wait for :meth:`backward_weights` (``W``)."""
+        return self.backward_pass(dy, key, weights=False)
+
+    def backward_pass(self, dy, key=0, *, weights: bool = True,
+                      grads_ready: Callable[[list[str]], None] | None = None):
+        # no gradient is complete before W when weights=False: grads_ready waits for W
+        ready = (grads_ready if weights else None) or _ignore
+        pieces = self.piece_names() if grads_ready and weights else {}
         if self.is_last:
-            dy = self.model.head_backward(dy, key)
+            dy = self.model.head_backward(dy, key, weights=weights)
             if not (self.is_first and self.tied):
                 ready(pieces.get("head", []))
         for i, block in zip(reversed(self.layers), reversed(self.blocks)):
-            dy = block.backward(dy, key)
+            dy = block.backward_pass(dy, key, weights=weights)
             ready(pieces.get(f"blocks.{i}", []))
         if self.is_first:
             self.model.embed_backward(dy, key)  # weight gradient only, computed at once
@@ -245,21 +257,14 @@ class PipelineStage(Module):
 
     def backward_weights(self, key=0, grads_ready: Callable[[list[str]], None] | None = None
                          ) -> None:
+        """The zero-bubble ``W`` of ``key``: every weight gradient
+        :meth:`backward_input` left; then ``grads_ready`` hears of all of them."""
         if self.is_last:
             self.model.head_backward_weights(key)
         for block in reversed(self.blocks):
             block.backward_weights(key)
         if grads_ready:
             grads_ready(list(self.parameters()))
-
-    def backward_input(self, dy, key=0):
-        """The zero-bubble ``I``: :meth:`backward` with weight gradients deferred."""
-        if self.tp is not None:
-            raise ValueError("zero-bubble schedules (I/W split) need reference pieces "
-                             "(tp=None): tensor-parallel layers compute weight gradients "
-                             "in backward")
-        with defer_weight_grads():
-            return self.backward(dy, key)
 
     # -------------------------------------------------------------- loss
     def loss_forward(self, logits, targets):

@@ -72,9 +72,9 @@ class ParallelAttention(TensorParallelModule):
         self._save(key, q=q, k=k, v=v, att=att)        # views of qkv, and P
         return self.proj.forward(frozen(y), key)
 
-    def backward(self, dy, key=0):
+    def backward_pass(self, dy, key=0, *, weights=True):
         hl = self.h_local
-        dy = self.proj.backward(dy, key)               # (b, s, h/t)
+        dy = self.proj.backward_pass(dy, key, weights=weights)               # (b, s, h/t)
         sv = self._pop(key)
         b, s = dy.shape[0], dy.shape[1]
         scale = 1.0 / math.sqrt(self.h // self.n_head)
@@ -83,7 +83,7 @@ class ParallelAttention(TensorParallelModule):
             K.attention_backward_fast(
                 dy, (sv["q"], sv["k"], sv["v"], sv["att"], scale),
                 out=(dqkv[..., :hl], dqkv[..., hl:2 * hl], dqkv[..., 2 * hl:]))
-        return self.qkv.backward(dqkv, key)
+        return self.qkv.backward_pass(dqkv, key, weights=weights)
 
     def flops(self, batch: int, seq: int) -> float:
         return super().flops(batch, seq) + self._core_flops(batch, seq)

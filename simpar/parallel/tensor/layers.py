@@ -14,6 +14,11 @@ between (the columns the first produces are the rows the second consumes): that 
 the Megatron pairing.  Every parallel module here is cut from a reference module of
 :mod:`simpar.nn` with ``from_reference``, and gives the full reference-shaped
 parameters and gradients back with :meth:`TensorParallelModule.full_gradients`.
+
+Zero-bubble split (Qi et al. 2023, §2): ``backward_input`` computes ``dX = dY Aᵀ``
+(and its communication) only, keeping ``X`` and ``dY``; ``backward_weights``
+computes ``dA = Xᵀ dY`` later, with no communication at all — in both layers the
+weight gradient is local to the shard.
 """
 from __future__ import annotations
 
@@ -211,18 +216,17 @@ class ColumnParallelLinear(TensorParallelModule):
             y = F.linear_forward(x, self.params["W"], self.params.get("b"))
         return gather_from_tp_region(y, self.tp) if self.gather_output else y
 
-    def backward(self, dy, key=0):
+    def backward_pass(self, dy, key=0, *, weights=True):
         if self.gather_output:
             dy = gather_from_tp_region_backward(dy, self.tp)
         x = self._pop(key)["x"]
-        with trace.compute(f"{self.trace_name}.backward", flops=2 * self._flops(x)):
-            dx, dW, db = F.linear_backward(dy, x, self.params["W"])
-            self.grads["W"] += dW
-            if "b" in self.params:
-                self.grads["b"] += db
+        dx = _linear_backward(self, dy, x, key, weights)
         if self.sequence_parallel:
             return gather_from_sp_region_backward(dx, self.tp)
         return copy_to_tp_region_backward(dx, self.tp)
+
+    def backward_weights(self, key=0) -> None:
+        _linear_backward_weights(self, key)
 
     def flops(self, batch: int, seq: int) -> float:
         return F.linear_flops(batch * seq, self.n_in, self.params["W"].shape[1])
@@ -294,8 +298,8 @@ class RowParallelLinear(TensorParallelModule):
             y += self.params["b"]
         return y
 
-    def backward(self, dy, key=0):
-        if "b" in self.params:
+    def backward_pass(self, dy, key=0, *, weights=True):
+        if "b" in self.params:          # the bias is added after the sum: its own db
             self.grads["b"] += dy.reshape(-1, self.n_out).sum(axis=0)
             self._grads_pending |= self.sequence_parallel
         if self.sequence_parallel:
@@ -303,12 +307,42 @@ class RowParallelLinear(TensorParallelModule):
         else:
             dy = reduce_from_tp_region_backward(dy, self.tp)
         x = self._pop(key)["x"]
-        with trace.compute(f"{self.trace_name}.backward", flops=2 * self._flops(x)):
-            dx, dW, _ = F.linear_backward(dy, x, self.params["W"])
-            self.grads["W"] += dW
+        dx = _linear_backward(self, dy, x, key, weights, bias=False)
         if not self.input_is_parallel:
             dx = scatter_to_tp_region_backward(dx, self.tp)
         return dx
 
+    def backward_weights(self, key=0) -> None:
+        _linear_backward_weights(self, key, bias=False)
+
     def flops(self, batch: int, seq: int) -> float:
         return F.linear_flops(batch * seq, self.params["W"].shape[0], self.n_out)
+
+
+# ------------------------------------- the local GEMMs of both layers' backward
+def _linear_backward(m: TensorParallelModule, dy, x, key, weights: bool, bias: bool = True):
+    """``dx = dy Aᵀ`` of this shard, and ``dA = xᵀ dy`` (``db = Σ dy``) with it, or —
+    ``weights=False`` — later, in :func:`_linear_backward_weights`.  Regions:
+    ``<name>.backward`` (2 × forward FLOPs) or ``<name>.backward_input`` (1 ×)."""
+    fl = m._flops(x)
+    if not weights:
+        with trace.compute(f"{m.trace_name}.backward_input", flops=fl):
+            dx = F.linear_backward_input(dy, m.params["W"])
+        m._save(key, copy={"dy": dy}, slot="W", x=x)          # x: already our record
+        return dx
+    with trace.compute(f"{m.trace_name}.backward", flops=2 * fl):
+        dx, dW, db = F.linear_backward(dy, x, m.params["W"])
+        m.grads["W"] += dW
+        if bias and "b" in m.params:
+            m.grads["b"] += db
+    return dx
+
+
+def _linear_backward_weights(m: TensorParallelModule, key, bias: bool = True) -> None:
+    """Zero-bubble ``W`` of a parallel linear layer: ``dA = xᵀ dy`` (local)."""
+    s = m._pop(key, slot="W")
+    with trace.compute(f"{m.trace_name}.backward_weights", flops=m._flops(s["x"])):
+        dW, db = F.linear_backward_weight(s["dy"], s["x"])
+        m.grads["W"] += dW
+        if bias and "b" in m.params:
+            m.grads["b"] += db

@@ -77,10 +77,11 @@ class ParallelMLP(TensorParallelModule):
         self._save(key, a=a)
         return self.fc2.forward(_gelu(a, self.trace_name), key)
 
-    def backward(self, dy, key=0):
-        dg = self.fc2.backward(dy, key)
+    def backward_pass(self, dy, key=0, *, weights=True):
+        dg = self.fc2.backward_pass(dy, key, weights=weights)
         a = self._pop(key)["a"]
-        return self.fc1.backward(_gelu_backward(dg, a, self.trace_name), key)
+        return self.fc1.backward_pass(_gelu_backward(dg, a, self.trace_name), key,
+                                      weights=weights)
 
 
 class NaiveTensorParallelMLP(TensorParallelModule):
@@ -120,7 +121,8 @@ class NaiveTensorParallelMLP(TensorParallelModule):
         self._save(key, a=a)
         return self.fc2.forward(_gelu(a, self.trace_name), key)
 
-    def backward(self, dy, key=0):
-        dg = self.fc2.backward(dy, key)                # all-reduce of (b, s, d_ff)
+    def backward_pass(self, dy, key=0, *, weights=True):
+        dg = self.fc2.backward_pass(dy, key, weights=weights)                # all-reduce of (b, s, d_ff)
         a = self._pop(key)["a"]
-        return self.fc1.backward(_gelu_backward(dg, a, self.trace_name), key)
+        return self.fc1.backward_pass(_gelu_backward(dg, a, self.trace_name), key,
+                                      weights=weights)

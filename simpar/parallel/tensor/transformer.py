@@ -68,7 +68,7 @@ def _layernorm(ln: LayerNorm, x, key, name: str):
         return frozen(ln.forward(x, key))
 
 
-def _layernorm_backward(ln: LayerNorm, dy, key, name: str):
+def _layernorm_backward(ln: LayerNorm, dy, key, name: str):    # dγ, dβ: done by I too
     with trace.compute(f"{name}.backward"):
         return ln.backward(dy, key)
 
@@ -147,11 +147,13 @@ class ParallelTransformerBlock(TensorParallelModule):
         y += x1
         return y
 
-    def backward(self, dy, key=0):
-        name = self.trace_name
-        dx1 = _layernorm_backward(self.ln2, self.ffn.backward(dy, key), key, f"{name}.ln2")
+    def backward_pass(self, dy, key=0, *, weights=True):
+        name, w = self.trace_name, weights
+        dx1 = _layernorm_backward(self.ln2, self.ffn.backward_pass(dy, key, weights=w), key,
+                                  f"{name}.ln2")
         dx1 += dy
-        dx = _layernorm_backward(self.ln1, self.attn.backward(dx1, key), key, f"{name}.ln1")
+        dx = _layernorm_backward(self.ln1, self.attn.backward_pass(dx1, key, weights=w), key,
+                                 f"{name}.ln1")
         dx += dx1
         self._grads_pending |= self.sequence_parallel
         return dx
@@ -280,21 +282,46 @@ class ParallelGPT(TensorParallelModule):
         with trace.compute("head.forward", flops=F.linear_flops(xn.size // W.shape[1], *W.shape)):
             return F.linear_forward(xn, W.T)
 
-    def head_backward(self, dlogits, key=0):
+    def head_backward(self, dlogits, key=0, *, weights=True):
+        """``ln_f`` and LM-head backward; ``weights=False`` (zero-bubble ``I``) leaves
+        the head's weight gradient for :meth:`head_backward_weights`."""
         if self.lm_head is not None:
-            dxn = self.lm_head.backward(dlogits, key)
+            dxn = self.lm_head.backward_pass(dlogits, key, weights=weights)
         else:
             xn = self._pop(key, slot="head")["xn"]
             W = self.params["wte"]
-            flops = 2 * F.linear_flops(xn.size // W.shape[1], *W.shape)
-            with trace.compute("head.backward", flops=flops):
-                dxn, dWt, _ = F.linear_backward(dlogits, xn, W.T)
-                self.grads["wte"] += dWt.T
+            flops = F.linear_flops(xn.size // W.shape[1], *W.shape)
+            if weights:
+                with trace.compute("head.backward", flops=2 * flops):
+                    dxn, dWt, _ = F.linear_backward(dlogits, xn, W.T)
+                    self.grads["wte"] += dWt.T
+            else:
+                with trace.compute("head.backward_input", flops=flops):
+                    dxn = F.linear_backward_input(dlogits, W.T)
+                self._save(key, copy={"dlogits": dlogits}, slot="head_W", xn=xn)
             if self.sequence_parallel:
                 dxn = gather_from_sp_region_backward(dxn, self.tp)
             else:
                 dxn = copy_to_tp_region_backward(dxn, self.tp)
         return _layernorm_backward(self.ln_f, dxn, key, "head.ln_f")
+
+    def head_backward_weights(self, key=0) -> None:
+        """The LM head's weight gradient left by ``head_backward(weights=False)``."""
+        if self.lm_head is not None:
+            self.lm_head.backward_weights(key)
+            return
+        s = self._pop(key, slot="head_W")
+        W = self.params["wte"]
+        with trace.compute("head.backward_weights",
+                           flops=F.linear_flops(s["xn"].size // W.shape[1], *W.shape)):
+            dWt, _ = F.linear_backward_weight(s["dlogits"], s["xn"])
+            self.grads["wte"] += dWt.T
+
+    def backward_weights(self, key=0) -> None:
+        """All weight gradients left by :meth:`backward_input` of ``key``."""
+        self.head_backward_weights(key)
+        for block in reversed(self.blocks):
+            block.backward_weights(key)
 
     # -------------------------------------------------------- whole model
     def forward(self, idx, key=0):
@@ -304,11 +331,12 @@ class ParallelGPT(TensorParallelModule):
             x = block.forward(x, key)
         return self.head_forward(x, key)
 
-    def backward(self, dlogits, key=0) -> None:
-        """Accumulate all gradients from this rank's logit columns' gradient."""
-        dx = self.head_backward(dlogits, key)
+    def backward_pass(self, dlogits, key=0, *, weights=True) -> None:
+        """Accumulate all gradients from this rank's logit columns' gradient
+        (``weights=False``: the GEMM weight gradients wait for :meth:`backward_weights`)."""
+        dx = self.head_backward(dlogits, key, weights=weights)
         for block in reversed(self.blocks):
-            dx = block.backward(dx, key)
+            dx = block.backward_pass(dx, key, weights=weights)
         self.embed_backward(dx, key)
         self._grads_pending |= self.sequence_parallel
 

@@ -97,7 +97,8 @@ class VocabParallelEmbedding(TensorParallelModule):
             return reduce_scatter_to_sp_region(y, self.tp)
         return reduce_from_tp_region(y, self.tp)
 
-    def backward(self, dy, key=0):
+    def backward_pass(self, dy, key=0, *, weights=True):
+        """Scatter-add into this rank's rows (no GEMM: done by ``I`` too)."""
         if self.sequence_parallel:
             dy = reduce_scatter_to_sp_region_backward(dy, self.tp)
         else:
