@@ -42,6 +42,8 @@ MAX_TAG = 32767                 # MPI guarantees tags up to at least 2**15 - 1
 
 _KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "barrier",
           "iall_reduce", "split", "gather_objects", "agree")
+_KIND_CODE = {k: i for i, k in enumerate(_KINDS)}
+_DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 _MAX_DIMS = 8
 _ENVELOPE_LEN = 3 + _MAX_DIMS   # [send time, dtype code, ndim, dims...]
 _FP_MASK = (1 << 52) - 1        # fingerprints are integers a float64 holds exactly
@@ -449,8 +451,7 @@ class Comm:
         kind = sig[0]
         if kind == "agree":
             return _fingerprint_text(f"agree\0{sig[1]}\0{sig[2]}")
-        dt = DTYPES.index(sig[2]) if sig[2] is not None else -1
-        return hash((_KINDS.index(kind), sig[1], dt, sig[3])) & _FP_MASK
+        return hash((_KIND_CODE[kind], sig[1], _DTYPE_CODE.get(sig[2], -1), sig[3])) & _FP_MASK
 
     @staticmethod
     def _describe(sig: tuple) -> str:
