@@ -26,6 +26,11 @@ the demos and notebooks print and plot them next to the measured ones.
 * α-β collective times: all-reduce ``2(p−1)α + 2n(p−1)/p·β``, all-gather /
   reduce-scatter / all-to-all ``(p−1)α + n(p−1)/p·β`` (ring / pairwise
   algorithms; MPICH's cost comments, NCCL-tests bus bandwidth).
+* context parallelism: ring attention ``cp−1`` K/V transfers per forward,
+  ``cp−1`` K/V + ``cp`` dK/dV per backward; load-balanced causal tiles per rank
+  ``(2cp−1)n² + n(n+1)``; Ulysses 4 + 4 all-to-alls of ``(cp−1)/cp`` of
+  ``b·(s/cp)·h``; attention activations ``b·(s/cp)·(h + 5h/t + a/t)`` (Liu et
+  al. 2023 §3; Jacobs et al. 2023 §3.1; :mod:`simpar.parallel.context`).
 
 Units are in each name: ``*_elements`` counts array elements, ``*_bytes``
 bytes, ``*_time`` seconds (or whatever unit the stage times are given in).
@@ -44,6 +49,9 @@ __all__ = [
     "layer_forward_flops", "layer_backward_flops", "linear_flops", "attention_flops",
     "ZERO_STAGES", "zero_memory_bytes", "zero_comm_elements", "dp_comm_elements",
     "p2p_time", "collective_time", "compute_time",
+    "ring_attention_tiles", "ring_attention_step_tiles", "ring_attention_messages",
+    "ring_attention_comm_elements", "ulysses_comm_elements",
+    "context_attention_activation_elements", "ring_attention_time", "ulysses_attention_time",
 ]
 
 
@@ -252,3 +260,119 @@ def collective_time(kind: str, nbytes: int, p: int, link) -> float:
 def compute_time(flops: float, device) -> float:
     """Compute advances the simulated clock by ``flops / device.flops``."""
     return flops / device.flops
+
+
+# ============================================================ context parallelism
+def _tiles_per_chunk(s: int, chunks: int, block: int) -> int:
+    if s % chunks or (s // chunks) % block:
+        raise ValueError(f"closed form needs the tile size {block} to divide the chunk "
+                         f"s/{chunks} = {s / chunks:g}")
+    return s // chunks // block
+
+
+def ring_attention_step_tiles(s: int, cp: int, rank: int, step: int, block: int,
+                              balanced: bool = True) -> int:
+    """Tiles (``block × block``) rank ``rank`` computes at ring step ``step`` (the
+    K/V of rank ``rank − step``) under the causal mask.  A chunk pair strictly
+    below the diagonal is ``n²`` tiles, a diagonal pair ``n(n+1)/2``, one above
+    it none (``n`` tiles per chunk).  Balanced (chunks ``i`` and ``2cp−1−i`` on
+    rank ``i``): step 0 is ``n² + n(n+1)``, every other step ``2n²`` — the same on
+    every rank."""
+    src = (rank - step) % cp
+    if balanced:
+        n = _tiles_per_chunk(s, 2 * cp, block)
+        mine, theirs = (rank, 2 * cp - 1 - rank), (src, 2 * cp - 1 - src)
+    else:
+        n = _tiles_per_chunk(s, cp, block)
+        mine, theirs = (rank,), (src,)
+    return sum(n * n if c < a else n * (n + 1) // 2 if c == a else 0
+               for a in mine for c in theirs)
+
+
+def ring_attention_tiles(s: int, cp: int, rank: int, block: int, balanced: bool = True) -> int:
+    """Causal tiles rank ``rank`` computes in one ring-attention forward: balanced
+    ``(2cp−1)n² + n(n+1)`` on every rank (``n = s/(2cp·block)``); the naive
+    contiguous split ``rank·n² + n(n+1)/2`` (``n = s/(cp·block)``), so the last
+    rank does ``2cp − 1 + 1/n``-ish times the first's work.  Forward FLOPs are
+    ``4·b·h·block²`` per tile (``h`` = the heads' hidden width on this rank)."""
+    if balanced:
+        n = _tiles_per_chunk(s, 2 * cp, block)
+        return (2 * cp - 1) * n * n + n * (n + 1)
+    n = _tiles_per_chunk(s, cp, block)
+    return rank * n * n + n * (n + 1) // 2
+
+
+def ring_attention_messages(cp: int) -> dict:
+    """Point-to-point messages per rank per attention layer (Liu et al. 2023 §3):
+    forward ``cp−1`` K/V blocks; backward ``cp−1`` K/V blocks and ``cp`` dK/dV
+    blocks (each block's gradient follows it round the ring and comes home)."""
+    if cp == 1:
+        return {"forward": 0, "backward_kv": 0, "backward_dkv": 0}
+    return {"forward": cp - 1, "backward_kv": cp - 1, "backward_dkv": cp}
+
+
+def ring_attention_comm_elements(b: int, s: int, h: int, cp: int) -> tuple[float, float]:
+    """Elements one rank sends per attention layer, ``(forward, backward)``: each
+    message is K and V of ``s/cp`` tokens, ``2·b·(s/cp)·h``; so forward
+    ``(cp−1)·2b(s/cp)h`` and backward ``(2cp−1)·2b(s/cp)h``."""
+    m = ring_attention_messages(cp)
+    one = 2 * b * (s // cp) * h
+    return m["forward"] * one, (m["backward_kv"] + m["backward_dkv"]) * one
+
+
+def ulysses_comm_elements(b: int, s: int, h: int, cp: int) -> float:
+    """Elements one rank sends to the others in one Ulysses all-to-all: it holds
+    ``b·(s/cp)·h`` and keeps ``1/cp`` of it, ``b·(s/cp)·h·(cp−1)/cp``; 4 such
+    all-to-alls forward (q, k, v, output) and 4 backward (Jacobs et al. 2023 §3.1)."""
+    return b * (s // cp) * h * (cp - 1) / cp
+
+
+def context_attention_activation_elements(b: int, s: int, h: int, a: int, cp: int,
+                                          t: int = 1) -> float:
+    """Elements an attention layer keeps for backward per rank under context
+    parallelism (ring or Ulysses; :class:`~simpar.parallel.context.ContextParallelAttention`):
+    QKV input ``b·sl·h``, ``q, k, v`` ``3b·sl·h/t``, output ``O`` ``b·sl·h/t``,
+    log-sum-exp ``b·sl·a/t``, projection input ``b·sl·h/t`` with ``sl = s/cp``:
+    ``b·(s/cp)·(h + 5h/t + a/t)`` — ``1/cp`` of the ``cp = 1`` value, and no
+    ``a·b·s²`` term (plain attention keeps ``b·s·(h + 5h/t) + a·b·s²/t``)."""
+    return b * (s / cp) * (h + 5 * h / t + a / t)
+
+
+def ring_attention_time(b: int, s: int, h: int, cp: int, block: int, device_flops: float,
+                        link, itemsize: int = 2, balanced: bool = True) -> tuple[float, float]:
+    """Simulated ``(forward, backward)`` seconds of the ring-attention core on one
+    rank of a balanced ring, all ranks in lock step.  Step ``t`` computes
+    ``C_t`` (:func:`ring_attention_step_tiles` × ``4·b·h·block²`` FLOPs) while the
+    next K/V block, ``τ = α + 2·b·(s/cp)·h·itemsize·β``, travels::
+
+        forward   T = Σ_{t<cp−1} max(C_t, τ) + C_{cp−1}
+        backward  E_t = max(T_t + 2C_t, E_{t−1} + τ)  (dK/dV of the block in hand
+                  leaves at E_t), T_{t+1} = max(E_t, T_t + τ); done at E_{cp−1} + τ
+
+    — every transfer hidden as long as a block's compute outlasts ``τ``."""
+    if not balanced:
+        raise ValueError("the lock-step closed form holds for the balanced ring only")
+    tau = link.alpha + 2 * b * (s // cp) * h * itemsize * link.beta
+    C = [4.0 * b * h * block * block * ring_attention_step_tiles(s, cp, 0, t, block) /
+         device_flops for t in range(cp)]
+    fwd = sum(max(c, tau) for c in C[:-1]) + C[-1]
+    if cp == 1:
+        return fwd, 2 * C[0]
+    T, E = 0.0, -math.inf
+    for t in range(cp):
+        E = max(T + 2 * C[t], E + tau) if t else T + 2 * C[t]
+        if t < cp - 1:
+            T = max(E, T + tau)
+    return fwd, E + tau
+
+
+def ulysses_attention_time(b: int, s: int, h: int, cp: int, block: int, device_flops: float,
+                           link, itemsize: int = 2) -> tuple[float, float]:
+    """Simulated ``(forward, backward)`` seconds of the Ulysses core on one rank:
+    4 all-to-alls of ``b·(s/cp)·h·itemsize`` bytes each way (none overlapped),
+    around causal attention of the whole sequence on ``h/cp`` of the hidden
+    width, ``4·b·(h/cp)·block²·N(N+1)/2`` FLOPs forward (``N = s/block``)."""
+    n = _tiles_per_chunk(s, 1, block)
+    C = 4.0 * b * (h / cp) * block * block * (n * (n + 1) // 2) / device_flops
+    a2a = collective_time("all_to_all", b * (s // cp) * h * itemsize, cp, link)
+    return 4 * a2a + C, 4 * a2a + 2 * C

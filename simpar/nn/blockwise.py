@@ -53,7 +53,7 @@ from .. import trace
 from .functional import merge_heads, split_heads
 
 __all__ = ["DEFAULT_BLOCK", "online_softmax_init", "online_softmax_update",
-           "online_softmax_finish", "attention_tiles_backward",
+           "online_softmax_finish", "attention_tiles_backward", "causal_tile_flops",
            "blockwise_attention_forward", "blockwise_attention_backward", "tile_flops"]
 
 DEFAULT_BLOCK = 128
@@ -84,6 +84,21 @@ def _visibility(qp: np.ndarray, kp: np.ndarray):
 def tile_flops(b: int, heads: int, nq: int, nk: int, d: int) -> float:
     """The two matmuls of one forward tile, ``QKᵀ`` and ``PV``: ``4·b·heads·nq·nk·d``."""
     return 4.0 * b * heads * nq * nk * d
+
+
+def causal_tile_flops(q_shape, q_pos, k_pos, block: int = DEFAULT_BLOCK) -> float:
+    """Forward FLOPs :func:`online_softmax_update` does for queries of shape
+    ``(b, heads, sq, d)`` at ``q_pos`` against keys at ``k_pos``: the tiles not
+    skipped, without computing them (for a compute region's FLOPs up front)."""
+    b, n, _, d = q_shape
+    q_pos, k_pos = np.asarray(q_pos), np.asarray(k_pos)
+    total = 0.0
+    for qs in _tiles(len(q_pos), block):
+        qmax = q_pos[qs].max()
+        for ks in _tiles(len(k_pos), block):
+            if k_pos[ks].min() <= qmax:
+                total += tile_flops(b, n, qs.stop - qs.start, ks.stop - ks.start, d)
+    return total
 
 
 # ------------------------------------------------------------------- forward
