@@ -254,6 +254,16 @@ class _Job:
         self.reporter: int | None = None     # a rank whose watchdog asked us
         self._ping = np.zeros(1, np.int64)
         self._ping_req = self.ctl.Irecv(self._ping, source=MPI.ANY_SOURCE, tag=_TAG_PING)
+        import atexit
+        atexit.register(self.close)          # runs before mpi4py's MPI_Finalize
+
+    def close(self) -> None:
+        """Withdraw the standing receive for questions (a clean MPI_Finalize)."""
+        try:
+            self._ping_req.Cancel()
+            self._ping_req.Wait()
+        except Exception:                    # noqa: BLE001 - finalising anyway
+            pass
 
     def doing(self) -> str:
         if self.pending is None:

@@ -24,9 +24,9 @@ has not happened (a message not sent, a collective some member has not
 reached), no rank can ever make progress, and every waiting rank raises the
 same :class:`DeadlockError` listing what each rank waits for, e.g.
 ``rank 0: recv from rank 1 tag 5 on world; rank 1: finished``.  A wait
-longer than ``SIMPAR_WATCHDOG_S`` seconds (default 60; 0 turns it off) while
-some rank still runs (a rank looping without communicating) raises the same
-kind of report.
+longer than ``SIMPAR_WATCHDOG_S`` seconds (default 60; 0 turns it off) during
+which no rank communicated at all (a rank computing forever while the others
+wait for it) raises the same kind of report.
 """
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ class _World:
         # per world rank: None (running), "finished", "failed", or (describe, ready)
         self.state: list[Any] = [None] * size
         self.watchdog = watchdog_seconds() if watchdog is None else watchdog
+        self.progress = time.monotonic()                # last barrier passed / message sent
         # channel -> messages by send number; channel -> receives posted so far
         self.mailboxes: dict[tuple, dict[int, np.ndarray]] = defaultdict(dict)
         self.sent: dict[tuple, int] = defaultdict(int)
@@ -106,10 +107,13 @@ class _World:
             while not ready():
                 self._raise_if_aborted()
                 if self.watchdog:
-                    left = t0 + self.watchdog - time.monotonic()
+                    # only when nothing at all happened for that long (a big
+                    # pipeline may keep one rank waiting while the others work)
+                    left = max(t0, self.progress) + self.watchdog - time.monotonic()
                     if left <= 0:
-                        self._report_locked(f"rank {rank} waited more than "
-                                            f"{self.watchdog:g} s (SIMPAR_WATCHDOG_S)")
+                        self._report_locked(
+                            f"rank {rank} waited more than {self.watchdog:g} s and no rank "
+                            f"communicated meanwhile (SIMPAR_WATCHDOG_S)")
                         self._raise_if_aborted()
                     cond.wait(min(left, 3600.0))
                 else:
@@ -181,6 +185,7 @@ class _Group:
             if len(self.arrived) == self.size:
                 self.arrived = []
                 self.generation += 1
+                w.progress = time.monotonic()
                 self.cond.notify_all()
                 return
 
@@ -279,6 +284,7 @@ class ThreadComm(Comm):
             w._raise_if_aborted()
             w.mailboxes[ch][w.sent[ch]] = x.copy()      # buffered (eager) send
             w.sent[ch] += 1
+            w.progress = time.monotonic()
             w.mail.notify_all()
         return None
 

@@ -51,6 +51,27 @@ def test_threads_watchdog_names_a_rank_that_never_communicates():
 
 
 @pytest.mark.timeout(30)
+def test_threads_watchdog_quiet_while_others_communicate():
+    """Rank 0 waits ~1.5 s for rank 1 while ranks 1 and 2 keep talking: no report."""
+    def fn(c):
+        if c.rank == 0:
+            return c.recv((1,), np.float64, 1, tag=9)[0]
+        peer = 3 - c.rank
+        for _ in range(100):
+            if c.rank == 1:
+                c.send(np.ones(1), peer)
+                c.recv((1,), np.float64, peer)
+                time.sleep(0.015)
+            else:
+                c.send(c.recv((1,), np.float64, peer), peer)
+        if c.rank == 1:
+            c.send(np.full(1, 7.0), 0, tag=9)
+    t0 = time.perf_counter()
+    out = launch(fn, 3, watchdog=0.5)
+    assert out[0] == 7.0 and time.perf_counter() - t0 > 1.0
+
+
+@pytest.mark.timeout(30)
 def test_threads_timeout_names_what_each_rank_does():
     def fn(c):
         if c.rank == 0:
