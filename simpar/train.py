@@ -211,7 +211,8 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
           weight_decay: float = 0.0, warmup: int = 10, min_lr_frac: float = 0.1,
           grad_clip: float | None = 1.0, overlap: bool = False, bucket_bytes: int = 1 << 20,
           model: dict | None = None, corpus: str = "corpus", log_every: int = 0,
-          log=print) -> dict:
+          zero: int = 0, save: str | None = None, save_every: int = 0,
+          resume: str | None = None, log=print) -> dict:
     """Train on ``layout`` (a :class:`~simpar.comm.mesh.ParallelConfig`): every rank of
     ``comm`` calls this.  ``batch_size`` is the **global** batch, so every layout
     trains the same model on the same data and — for a dense GPT — prints the
@@ -220,9 +221,24 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
     Returns (on every rank) ``loss`` per step, ``sim_step`` (simulated seconds per
     step), ``seconds``, ``tokens_per_s``, and ``model`` (this rank's
     :class:`~simpar.parallel.hybrid.HybridModel`).  The tracer is reset before
-    the last step, so it holds that step's events (for a timeline)."""
+    the last step, so it holds that step's events (for a timeline).
+
+    ``zero``: ZeRO stage 0-3 of the optimizer (:mod:`simpar.parallel.zero`).
+    ``save``: a checkpoint root (:mod:`simpar.checkpoint`), written every
+    ``save_every`` steps and after the last; ``resume``: a checkpoint to continue
+    from (any layout, any ZeRO stage) — step, learning-rate schedule position and
+    the data sampler's RNG state come back with it, so the losses continue those
+    of an uninterrupted run."""
+    from . import checkpoint
     from .comm.mesh import Mesh
     from .parallel.hybrid import build_model
+    from .parallel.zero import DistributedOptimizer, check_zero
+    check_zero(zero, layout, moe=bool(moe_experts), sequence_parallel=sequence_parallel,
+               overlap=overlap)
+    if isinstance(save_every, bool) or not isinstance(save_every, (int, np.integer)) \
+            or save_every < 0 or (save_every and not save):
+        raise ValueError(f"save_every must be an integer >= 0 (with save=DIR), got "
+                         f"save_every={save_every!r}, save={save!r}")
     for name, v in (("steps", steps), ("batch_size", batch_size), ("micro_batches", micro_batches)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {name}={v!r}")
@@ -239,11 +255,21 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
     hybrid = build_model(ref, mesh, schedule=schedule, sequence_parallel=sequence_parallel,
                          overlap=overlap, bucket_bytes=bucket_bytes)
     del ref
-    opt = AdamW(hybrid.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = DistributedOptimizer(hybrid, zero, "adamw", lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
+    schedule_pos = {"steps": steps, "lr": lr, "warmup": warmup, "min_lr_frac": min_lr_frac}
+    start = 0
+    if resume:
+        state = checkpoint.load(resume, hybrid, opt)
+        if state.get("lr_schedule") != schedule_pos:
+            raise ValueError(f"checkpoint {resume} was saved with learning-rate schedule "
+                             f"{state.get('lr_schedule')}, this run has {schedule_pos}")
+        start = int(state["step"])
+        rng.bit_generator.state = state["data_rng"]        # the sampler's position
+        log(f"resumed from {resume} at step {start}")
     tracer = comm.tracer
     losses, sims, t0 = [], [], time.perf_counter()
-    for step in range(steps):
+    for step in range(start, steps):
         x, y = get_batch(train_ids, batch_size, hybrid.config.seq_len, rng)   # same on every rank
         if step == steps - 1:
             tracer.reset()        # keep the last step's events only (clocks agree here)
@@ -255,16 +281,21 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
         if grad_clip:
             hybrid.clip_grad_norm(grad_clip)
         opt.lr = _lr_at(step, steps, lr, warmup, min_lr_frac)
-        opt.step(hybrid.gradients())
+        opt.step()
         losses.append(loss)
         sims.append(tracer.sim_now - s0)
+        if save and ((save_every and (step + 1) % save_every == 0) or step == steps - 1):
+            checkpoint.save(save, hybrid, opt, {"step": step + 1, "lr_schedule": schedule_pos,
+                                                "data_rng": rng.bit_generator.state}, step=step + 1)
         if log_every and (step % log_every == 0 or step == steps - 1):
             tps = x.size / (time.perf_counter() - w0)
             log(f"step {step:5d} | loss {loss:.4f} | {tps:8.0f} tok/s | simulated step "
                 f"{sims[-1] * 1e3:.3f} ms ({tracer.cluster.name}) | {time.perf_counter() - t0:6.1f} s")
     seconds = time.perf_counter() - t0
-    return {"loss": losses, "sim_step": sims, "seconds": seconds, "tokens": steps * x.size,
-            "tokens_per_s": steps * x.size / seconds, "model": hybrid, "tokenizer": tok}
+    tokens = (steps - start) * batch_size * hybrid.config.seq_len
+    return {"loss": losses, "sim_step": sims, "seconds": seconds, "tokens": tokens,
+            "tokens_per_s": tokens / seconds, "model": hybrid, "tokenizer": tok,
+            "start_step": start, "optimizer": opt}
 
 
 def _parser():
@@ -295,6 +326,13 @@ def _parser():
     add("--float64", action="store_true", help="train in float64 (default float32)")
     add("--cluster", default="a100", help="simulated cluster preset (default a100)")
     add("--out", default="out", help="folder for the loss curve and timeline (default ./out)")
+    add("--zero", type=int, default=0, choices=(0, 1, 2, 3),
+        help="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters")
+    add("--save", default=None, metavar="DIR", help="write sharded checkpoints into DIR")
+    add("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps "
+        "(and after the last; needs --save)")
+    add("--resume", default=None, metavar="DIR", help="continue from the checkpoint in DIR "
+        "(any layout, any ZeRO stage)")
     return ap
 
 
@@ -310,7 +348,8 @@ def main(argv=None) -> dict:
               schedule=schedule, sequence_parallel=args.sequence_parallel,
               moe_experts=args.moe_experts, moe_k=args.moe_k, lr=args.lr, seed=args.seed,
               dtype=np.float64 if args.float64 else np.float32, overlap=args.overlap,
-              bucket_bytes=args.bucket_bytes, log_every=args.log_every)
+              bucket_bytes=args.bucket_bytes, log_every=args.log_every, zero=args.zero,
+              save=args.save, save_every=args.save_every, resume=args.resume)
 
     def job(comm):
         out = train(comm, layout, **kw)
