@@ -25,6 +25,7 @@ import os
 import matplotlib
 
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
+matplotlib.rcParams["svg.hashsalt"] = "simpar"      # SVG ids, too, the same every run
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
