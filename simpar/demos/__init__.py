@@ -6,5 +6,6 @@
 * :mod:`.tensor_parallel` — Megatron-LM tensor and sequence parallelism;
 * :mod:`.pipeline_parallel` — schedules, bubbles and the executor;
 * :mod:`.expert_parallel` — Mixture-of-Experts routing, all-to-all, load balance;
+* :mod:`.hybrid` — every hybrid layout trains the same model (``hybrid_loss.png``);
 * :mod:`.common` — the options every demo shares.
 """

@@ -1,0 +1,101 @@
+"""Hybrid parallelism: every layout trains the same model (``figures/hybrid_loss.png``).
+
+    python -m simpar.demos.hybrid [--steps 40] [--out DIR]
+
+Trains the default GPT of :mod:`simpar.train` (with 4 layers, so that interleaved
+pp2 × vpp2 has a layer per stage) on the shipped corpus for ``--steps`` steps, in
+float64, on each layout of the issue's equivalence list — dp2, dp4, tp2×dp2, pp2×dp2,
+tp2×pp2, dp2×tp2×pp2, tp2 + sequence parallelism × pp2, interleaved vpp2 pp2×dp2,
+and tied embeddings with pp2 — and on one device.  Every layout takes the same
+global batch at every step, so its losses equal the one-device run's to rounding (the
+tied run is another model: it is compared with a tied one-device run).  Prints the
+largest relative difference per layout and draws every loss curve on one plot
+(:func:`simpar.viz.loss_curves`).
+
+Each layout runs in a threads world of its own size (2, 4 or 8 devices), whatever
+``--world-size`` and ``--backend`` say (they are accepted so that
+``python -m simpar figures`` can call every demo alike).  The figure comes from
+seeded runs on the threads backend, so it is the same bytes every run.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import viz
+from ..comm import launch
+from ..comm.mesh import ParallelConfig as P
+from ..testing import rel_error
+from ..train import train, train_reference
+from .common import demo_parser, process_rank
+
+FIGURE = "hybrid_loss.png"
+MODEL = dict(n_layer=4)                 # DEFAULT_MODEL with a layer for each of 4 stages
+BATCH = 16                              # the global batch of every layout
+
+#: (label, layout, train options); "tied" runs use tie_weights=True
+LAYOUTS = [
+    ("dp2", P(dp=2), {}),
+    ("dp4", P(dp=4), {}),
+    ("tp2 × dp2", P(dp=2, tp=2), {}),
+    ("pp2 × dp2 (1F1B, m=4)", P(dp=2, pp=2), {"micro_batches": 4}),
+    ("tp2 × pp2 (m=4)", P(tp=2, pp=2), {"micro_batches": 4}),
+    ("dp2 × tp2 × pp2 (m=4)", P(dp=2, tp=2, pp=2), {"micro_batches": 4}),
+    ("tp2+SP × pp2 (m=4)", P(tp=2, pp=2), {"micro_batches": 4, "sequence_parallel": True}),
+    ("interleaved vpp2 pp2 × dp2 (m=4)", P(dp=2, pp=2, vpp=2),
+     {"micro_batches": 4, "schedule": "interleaved"}),
+    ("tied pp2 (m=4)", P(pp=2), {"micro_batches": 4, "tied": True}),
+]
+
+
+def run_layouts(steps: int = 40, dtype=np.float64, layouts=LAYOUTS) -> dict:
+    """``{"curves": {label: losses}, "errors": {label: max relative difference vs the
+    one-device run of the same model}}``; curves include the one-device runs."""
+    common = dict(steps=steps, batch_size=BATCH, dtype=dtype)
+    refs = {tied: train_reference({**MODEL, "tie_weights": tied}, log_every=0, eval_batches=0,
+                                  **common)["loss"] for tied in (False, True)}
+    curves = {"1 device": refs[False], "1 device, tied embeddings": refs[True]}
+    errors = {}
+    for label, layout, options in layouts:
+        options = dict(options)
+        tied = options.pop("tied", False)
+        model = {**MODEL, "tie_weights": tied}
+        losses = launch(lambda comm: train(comm, layout, model=model, **common, **options)["loss"],
+                        layout.world_size)[0]
+        curves[label] = losses
+        errors[label] = rel_error(losses, refs[tied])
+    return {"curves": curves, "errors": errors}
+
+
+def figure(curves: dict, errors: dict, steps: int):
+    worst = max(errors.values())
+    return viz.loss_curves(curves, f"{len(errors)} layouts, same global batch, {steps} steps: "
+                                   f"every loss within {worst:.0e} of one device")
+
+
+def main(argv=None) -> None:
+    ap = demo_parser("python -m simpar.demos.hybrid", __doc__)
+    ap.add_argument("--steps", type=int, default=40, help="training steps per layout (default 40)")
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps must be at least 1, got {args.steps}")
+    if process_rank() != 0:
+        return
+    out = run_layouts(args.steps)
+    print(f"hybrid layouts: the default GPT with {MODEL['n_layer']} layers, float64, global "
+          f"batch {BATCH}, {args.steps} AdamW steps with clipping; threads worlds\n")
+    print(f"{'layout':<34} {'devices':>7} {'final loss':>10} {'max rel. diff vs 1 device':>26}")
+    sizes = {label: layout.world_size for label, layout, _ in LAYOUTS}
+    for label, losses in out["curves"].items():
+        err = out["errors"].get(label)
+        print(f"{label:<34} {sizes.get(label, 1):>7} {losses[-1]:>10.6f} "
+              f"{'(reference)' if err is None else f'{err:.1e}':>26}")
+    os.makedirs(args.out, exist_ok=True)
+    png = viz.save(figure(out["curves"], out["errors"], args.steps),
+                   os.path.join(args.out, FIGURE))
+    print(f"\nwrote {png}")
+
+
+if __name__ == "__main__":
+    main()
