@@ -57,7 +57,8 @@ INDEX, LATEST = "index.json", "latest"
 
 # ---------------------------------------------------------------- the cuts
 def _config_dict(config) -> dict:
-    return asdict(config) if is_dataclass(config) else dict(config)
+    """The model configuration as JSON holds it (tuples become lists)."""
+    return json.loads(json.dumps(asdict(config) if is_dataclass(config) else dict(config)))
 
 
 def tensor_maps(model) -> dict[str, tuple[tuple, np.ndarray | None]]:
@@ -295,6 +296,12 @@ class _Source:
                                  f"corrupted): {e}") from None
         return self.files[name]
 
+    def shape(self, tensor: str) -> tuple:
+        meta = self.index["tensors"].get(tensor)
+        if meta is None:
+            raise ValueError(f"checkpoint {self.dir} has no tensor {tensor!r}")
+        return tuple(meta["shape"])
+
     def full(self, tensor: str, kind: str) -> np.ndarray:
         meta = self.index["tensors"].get(tensor)
         if meta is None:
@@ -339,6 +346,11 @@ class _DictSource:
     def __init__(self, sd: Mapping[str, np.ndarray], origin: str) -> None:
         self.sd, self.origin = sd, origin
 
+    def shape(self, tensor: str) -> tuple:
+        if tensor not in self.sd:
+            raise ValueError(f"{self.origin} has no tensor {tensor!r}")
+        return tuple(np.shape(self.sd[tensor]))
+
     def full(self, tensor: str, kind: str) -> np.ndarray:
         if tensor not in self.sd:
             raise ValueError(f"{self.origin} has no tensor {tensor!r}")
@@ -357,14 +369,24 @@ def _check_config(index: dict, model) -> None:
         raise ValueError("checkpoint model config does not match the model: " + "; ".join(diff))
 
 
-def _load_local(source, model, optimizer, maps, kinds) -> None:
+def _prepare(source, model, maps, kinds) -> dict:
+    """Every local tensor this rank needs, ``{(name, kind): flat values}``, cut from
+    the full tensors of ``source`` — all checks, no communication."""
     local = model.parameters()
     cache: dict = {}
 
     def local_of(name: str, kind: str) -> np.ndarray:
         if (name, kind) not in cache:
             shape, m = maps[name]
-            full = source.full(name, kind)
+            have = source.shape(name)
+            if tuple(have) != tuple(shape):
+                raise ValueError(f"tensor {name!r} has shape {tuple(have)} in the "
+                                 f"checkpoint, the model needs {tuple(shape)}")
+            try:
+                full = source.full(name, kind)
+            except (IndexError, TypeError) as e:
+                raise ValueError(f"checkpoint {kind} of {name!r} does not fit its shape "
+                                 f"{tuple(have)}: {e}") from None
             if tuple(full.shape) != tuple(shape):
                 raise ValueError(f"tensor {name!r} has shape {tuple(full.shape)} in the "
                                  f"checkpoint, the model needs {tuple(shape)}")
@@ -377,12 +399,23 @@ def _load_local(source, model, optimizer, maps, kinds) -> None:
             cache[(name, kind)] = vals.astype(local[name].dtype, copy=False)
         return cache[(name, kind)]
 
+    for name in local:
+        for kind in ("param",) + tuple(kinds):
+            local_of(name, kind)
+    return cache
+
+
+def _load_local(source, model, optimizer, maps, kinds) -> None:
+    """Check and cut on every rank (the same error everywhere), then write
+    (stages 1-2 all-gather their parameters)."""
+    cache = {}
+    _collectively(model.mesh.world, lambda: cache.update(_prepare(source, model, maps, kinds)))
     if optimizer is None:
-        for name, p in local.items():
-            p.reshape(-1)[...] = local_of(name, "param")
+        for name, p in model.parameters().items():
+            p.reshape(-1)[...] = cache[(name, "param")]
         return
-    optimizer.load_pieces(lambda name, a, b, kind: local_of(name, kind if kind in kinds
-                                                            else "param")[a:b])
+    optimizer.load_pieces(lambda name, a, b, kind: cache[(name, kind if kind in kinds
+                                                          else "param")][a:b])
 
 
 def _collectively(world, fn):
@@ -422,7 +455,7 @@ def load(path, model, optimizer=None) -> dict:
     kinds = ()
     if optimizer is not None:
         kinds = optimizer.inner._state_kinds
-    _collectively(world, lambda: _load_local(source, model, optimizer, maps, kinds))
+    _load_local(source, model, optimizer, maps, kinds)
     if optimizer is not None:
         saved = index["optimizer"]
         optimizer.inner._set_hyper(**saved["hyper"])
@@ -481,9 +514,9 @@ def import_state_dict(path, model=None, optimizer=None):
     _collectively(world, check)
     source = _DictSource(sd, str(path))
     if optimizer is None:
-        _collectively(world, lambda: _load_local(source, model, None, maps, ()))
+        _load_local(source, model, None, maps, ())
     else:                                          # parameters only; moments untouched
-        _collectively(world, lambda: _load_params_only(source, model, optimizer, maps))
+        _load_params_only(source, model, optimizer, maps)
     world.barrier()
     return sd
 

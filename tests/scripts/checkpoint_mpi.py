@@ -1,0 +1,25 @@
+"""Checkpoints under MPI: ``mpiexec -n 8 python checkpoint_mpi.py save ROOT`` trains
+the scenario of :mod:`tests.checkpoint_checks` uninterrupted, checkpointing into
+ROOT; ``mpiexec -n N python checkpoint_mpi.py resume ROOT NAME ...`` resumes each
+named layout of world size N.  Rank 0 prints ``losses <name> <json list>``."""
+import json
+import sys
+
+from simpar.comm import mpi
+from tests.checkpoint_checks import RESUME, SAVE, run
+
+
+def main(mode, root, *names) -> None:
+    world = mpi.world()
+    mpi.abort_on_exception()
+    jobs = [("uninterrupted", SAVE, dict(save=root, save_every=4))] if mode == "save" else \
+        [(n, RESUME[n], dict(resume=f"{root}/step-00000004")) for n in names]
+    for name, (layout, zero), kw in jobs:
+        losses, _ = run(world, layout, zero, **kw)
+        if world.rank == 0:
+            print(f"losses {name} {json.dumps(losses.tolist())}", flush=True)
+        world.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
