@@ -212,7 +212,7 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
           grad_clip: float | None = 1.0, overlap: bool = False, bucket_bytes: int = 1 << 20,
           model: dict | None = None, corpus: str = "corpus", log_every: int = 0,
           zero: int = 0, save: str | None = None, save_every: int = 0,
-          resume: str | None = None, log=print) -> dict:
+          resume: str | None = None, recompute: str = "none", log=print) -> dict:
     """Train on ``layout`` (a :class:`~simpar.comm.mesh.ParallelConfig`): every rank of
     ``comm`` calls this.  ``batch_size`` is the **global** batch, so every layout
     trains the same model on the same data and — for a dense GPT — prints the
@@ -228,7 +228,8 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
     ``save_every`` steps and after the last; ``resume``: a checkpoint to continue
     from (any layout, any ZeRO stage) — step, learning-rate schedule position and
     the data sampler's RNG state come back with it, so the losses continue those
-    of an uninterrupted run."""
+    of an uninterrupted run.  ``recompute``: activation recomputation ``"none"``,
+    ``"selective"`` or ``"full"`` (Korthikanti et al. 2022, §5; same losses)."""
     from . import checkpoint
     from .comm.mesh import Mesh
     from .parallel.hybrid import build_model
@@ -253,7 +254,7 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
                           groups=layout.dp * micro_batches, **(model or {}))
     mesh = Mesh(comm, layout)
     hybrid = build_model(ref, mesh, schedule=schedule, sequence_parallel=sequence_parallel,
-                         overlap=overlap, bucket_bytes=bucket_bytes)
+                         overlap=overlap, bucket_bytes=bucket_bytes, recompute=recompute)
     del ref
     opt = DistributedOptimizer(hybrid, zero, "adamw", lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
@@ -333,6 +334,9 @@ def _parser():
         "(and after the last; needs --save)")
     add("--resume", default=None, metavar="DIR", help="continue from the checkpoint in DIR "
         "(any layout, any ZeRO stage)")
+    add("--recompute", default="none", choices=("none", "selective", "full"),
+        help="activation recomputation: selective recomputes attention's softmax, full "
+        "each layer's forward, in backward (default none)")
     return ap
 
 
@@ -349,7 +353,8 @@ def main(argv=None) -> dict:
               moe_experts=args.moe_experts, moe_k=args.moe_k, lr=args.lr, seed=args.seed,
               dtype=np.float64 if args.float64 else np.float32, overlap=args.overlap,
               bucket_bytes=args.bucket_bytes, log_every=args.log_every, zero=args.zero,
-              save=args.save, save_every=args.save_every, resume=args.resume)
+              save=args.save, save_every=args.save_every, resume=args.resume,
+              recompute=args.recompute)
 
     def job(comm):
         out = train(comm, layout, **kw)

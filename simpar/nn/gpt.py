@@ -60,9 +60,14 @@ class GPTConfig:
 
 
 class GPT(Module):
-    """Decoder-only transformer, pre-LayerNorm, causal, GELU (tanh), no dropout."""
+    """Decoder-only transformer, pre-LayerNorm, causal, GELU (tanh), no dropout.
 
-    def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float64) -> None:
+    ``recompute``: activation recomputation of every block, ``"none"``,
+    ``"selective"`` or ``"full"`` (see :mod:`simpar.nn.module`; change it later
+    with :meth:`~simpar.nn.module.Module.set_recompute`)."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float64,
+                 recompute: str = "none") -> None:
         super().__init__()
         self.config = c = config
         rng = np.random.default_rng(seed)
@@ -74,6 +79,7 @@ class GPT(Module):
         self.ln_f = self.add_child("ln_f", LayerNorm(c.d_model, dtype=dtype))
         self.lm_head = None if c.tie_weights else self.add_child(
             "lm_head", Linear(c.d_model, c.vocab_size, bias=False, rng=rng, dtype=dtype))
+        self.set_recompute(recompute)
 
     # ------------------------------------------------------ embedding end
     def embed_forward(self, idx, key=0):

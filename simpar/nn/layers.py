@@ -126,29 +126,45 @@ class CausalSelfAttention(Module):
 
     ``qkv`` is one ``Linear(h, 3h)`` whose output columns are ``[q | k | v]``; head
     ``i`` uses columns ``[i·d, (i+1)·d)`` of each, ``d = h / n_head``.
+
+    ``recompute="selective"`` (Korthikanti et al. 2022, §5): the ``a·b·s²``
+    probabilities ``P = softmax(q kᵀ/√d + M)`` are not kept; backward computes
+    them again from the kept ``q, k, v`` (region ``<trace_name>.recompute``,
+    ``4bs²h`` FLOPs: the attention core's forward).
     """
 
-    def __init__(self, h: int, n_head: int, rng=None, dtype=np.float64) -> None:
+    def __init__(self, h: int, n_head: int, rng=None, dtype=np.float64,
+                 trace_name: str = "attn") -> None:
         super().__init__()
         if h % n_head:
             raise ValueError(f"hidden size h={h} is not divisible by n_head={n_head}")
         rng = _rng(rng)
-        self.h, self.n_head = h, n_head
+        self.h, self.n_head, self.trace_name = h, n_head, trace_name
+        self.recompute = "none"
         self.qkv = self.add_child("qkv", Linear(h, 3 * h, rng=rng, dtype=dtype))
         self.proj = self.add_child("proj", Linear(h, h, rng=rng, dtype=dtype))
 
     def forward(self, x, key=0):
         h = self.h
         qkv = self.qkv.forward(x, key)
-        y, (q, k, v, att, _) = K.attention_forward_fast(
-            qkv[..., :h], qkv[..., h:2 * h], qkv[..., 2 * h:], self.n_head)
-        self._save(key, q=q, k=k, v=v, att=att)    # views of our own qkv buffer
+        q, k, v = qkv[..., :h], qkv[..., h:2 * h], qkv[..., 2 * h:]
+        y, (qh, kh, vh, att, _) = K.attention_forward_fast(q, k, v, self.n_head)
+        if self.recompute == "selective":       # P is computed again in backward
+            self._save(key, q=q, k=k, v=v)
+        else:
+            self._save(key, q=qh, k=kh, v=vh, att=att)  # views of our own qkv buffer
         return self.proj.forward(frozen(y), key)
 
     def backward_pass(self, dy, key=0, *, weights=True):
         h = self.h
         dy = self.proj.backward_pass(dy, key, weights=weights)
         s = self._pop(key)
+        if "att" not in s:                      # selective recomputation
+            b, n = dy.shape[0], dy.shape[1]
+            with trace.compute(f"{self.trace_name}.recompute",
+                               flops=F.attention_flops(b, n, h)):
+                _, (s["q"], s["k"], s["v"], s["att"], _) = K.attention_forward_fast(
+                    s["q"], s["k"], s["v"], self.n_head)
         scale = 1.0 / math.sqrt(h // self.n_head)
         dqkv = np.empty(dy.shape[:-1] + (3 * h,), dtype=dy.dtype)
         K.attention_backward_fast(
@@ -166,6 +182,11 @@ class TransformerBlock(Module):
     ``forward``/``backward`` are recorded as compute regions
     ``f"{trace_name}.forward"`` / ``".backward"`` (backward FLOPs = 2 × forward);
     :class:`~simpar.nn.gpt.GPT` names its blocks ``block0``, ``block1``, ...
+
+    ``recompute="full"`` (Korthikanti et al. 2022, §5, "full activation
+    recomputation"): forward keeps only the block's input (``bsh`` elements);
+    backward first runs the forward again (region ``f"{trace_name}.recompute"``,
+    one forward's FLOPs).  ``"selective"`` is passed to the attention layer.
     """
 
     def __init__(self, h: int, n_head: int, d_ff: int | None = None, rng=None,
@@ -174,22 +195,32 @@ class TransformerBlock(Module):
         rng = _rng(rng)
         self.h = h
         self.trace_name = trace_name
+        self.recompute = "none"
         self.ln1 = self.add_child("ln1", LayerNorm(h, dtype=dtype))
-        self.attn = self.add_child("attn", CausalSelfAttention(h, n_head, rng=rng, dtype=dtype))
+        self.attn = self.add_child("attn", CausalSelfAttention(h, n_head, rng=rng, dtype=dtype,
+                                                               trace_name=f"{trace_name}.attn"))
         self.ln2 = self.add_child("ln2", LayerNorm(h, dtype=dtype))
         self.mlp = self.add_child("mlp", MLP(h, d_ff, rng=rng, dtype=dtype))
 
     def forward(self, x, key=0):
         b, s = x.shape[0], x.shape[1]
         with trace.compute(f"{self.trace_name}.forward", flops=self.flops(b, s)):
-            x1 = self.attn.forward(frozen(self.ln1.forward(x, key)), key)
-            x1 += x
-            y = self.mlp.forward(frozen(self.ln2.forward(x1, key)), key)
-            y += x1
+            y = self._forward(x, key)
+        if self.recompute == "full":
+            self._keep_input_only(x, key)
+        return y
+
+    def _forward(self, x, key):
+        x1 = self.attn.forward(frozen(self.ln1.forward(x, key)), key)
+        x1 += x
+        y = self.mlp.forward(frozen(self.ln2.forward(x1, key)), key)
+        y += x1
         return y
 
     def backward_pass(self, dy, key=0, *, weights=True):
         b, s = dy.shape[0], dy.shape[1]
+        if self.recompute == "full":
+            self._recompute_forward(key, f"{self.trace_name}.recompute", self.flops(b, s))
         name, flops = f"{self.trace_name}.backward", 2 * self.flops(b, s)
         if not weights:                         # input gradients only (zero-bubble I)
             name, flops = f"{self.trace_name}.backward_input", flops - self.weight_grad_flops(b, s)

@@ -36,6 +36,15 @@ Rules every module follows:
   passes on to its children; no hidden state decides what a call computes.
   Cheap weight gradients that need no GEMM (LayerNorm's ``γ``, ``β``, an
   embedding's scatter-add) are computed by ``I`` as well.
+* **Activation recomputation** (Korthikanti et al. 2022, §5; Chen et al. 2016):
+  ``m.set_recompute(mode)`` sets every transformer block and attention layer
+  inside ``m``.  ``"full"``: a block keeps only its input and runs its forward
+  again at the start of its backward (region ``<block>.recompute``);
+  ``"selective"``: attention keeps ``q, k, v`` but not the ``a·s²`` softmax
+  probabilities, and recomputes ``softmax(q kᵀ/√d)`` in backward (region
+  ``<attn>.core.recompute`` or ``<attn>.recompute``).  The recomputed values are
+  the very same floating-point numbers, so gradients are bit for bit those of
+  ``"none"``.
 * ``m.params`` holds the module's own parameters, ``m.children`` its sub-modules,
   in registration order; :meth:`parameters` flattens the tree into dotted names
   (``blocks.0.attn.qkv.W``) whose values are the live arrays.
@@ -47,6 +56,15 @@ from typing import Iterator
 import numpy as np
 
 from .. import trace
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def check_recompute(mode) -> str:
+    """``mode`` if it is one of :data:`RECOMPUTE_MODES`, else ``ValueError``."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+    return mode
 
 
 def frozen(a: np.ndarray) -> np.ndarray:
@@ -167,6 +185,16 @@ class Module:
             p[...] = r
         return self
 
+    def set_recompute(self, mode: str) -> "Module":
+        """Activation recomputation ``"none" | "selective" | "full"`` for every
+        descendant that supports it (those with a ``recompute`` attribute:
+        transformer blocks and attention layers); returns self."""
+        check_recompute(mode)
+        for _, m in self.named_modules():
+            if hasattr(m, "recompute"):
+                m.recompute = mode
+        return self
+
     @property
     def dtype(self) -> np.dtype | None:
         """dtype of the first parameter (``None`` for a module without any)."""
@@ -263,6 +291,20 @@ class Module:
         children; a leaf with nothing deferred does nothing."""
         for child in self.children.values():
             child.backward_weights(key)
+
+    # ------------------------------------------- full recomputation helpers
+    def _keep_input_only(self, x, key) -> None:
+        """Full recomputation, end of forward: drop everything this module and
+        its descendants saved for ``key`` and keep a copy of the input ``x``."""
+        self.clear_saved(key)
+        self._save(key, copy={"x": x}, slot="recompute")
+
+    def _recompute_forward(self, key, name: str, flops: float) -> None:
+        """Full recomputation, start of backward: run ``self._forward`` again on
+        the kept input, saving what backward needs (a compute region ``name``)."""
+        x = self._pop(key, slot="recompute")["x"]
+        with trace.compute(name, flops=flops):
+            self._forward(x, key)
 
     def flops(self, batch: int, seq: int) -> float:
         """Forward matmul FLOPs for a ``(batch, seq)`` input; backward is twice this."""

@@ -72,8 +72,10 @@ class MoETransformerBlock(Module):
                  trace_name: str = "block") -> None:
         super().__init__()
         self.h, self.trace_name = h, trace_name
+        self.recompute = "none"         # "full": keep the input only (see TransformerBlock)
         self.ln1 = self.add_child("ln1", LayerNorm(h, dtype=dtype))
-        self.attn = self.add_child("attn", CausalSelfAttention(h, n_head, rng=rng, dtype=dtype))
+        self.attn = self.add_child("attn", CausalSelfAttention(h, n_head, rng=rng, dtype=dtype,
+                                                               trace_name=f"{trace_name}.attn"))
         self.ln2 = self.add_child("ln2", LayerNorm(h, dtype=dtype))
         self.moe = self.add_child("moe", moe)
 
@@ -85,6 +87,12 @@ class MoETransformerBlock(Module):
         return self.attn.flops(b, s)
 
     def forward(self, x, key=0):
+        y = self._forward(x, key)
+        if self.recompute == "full":
+            self._keep_input_only(x, key)
+        return y
+
+    def _forward(self, x, key):
         b, s = x.shape[0], x.shape[1]
         with trace.compute(f"{self.trace_name}.attn.forward", flops=self._attn_flops(b, s)):
             x1 = self.attn.forward(frozen(self.ln1.forward(x, key)), key)
@@ -99,6 +107,8 @@ class MoETransformerBlock(Module):
 
     def backward_pass(self, dy, key=0, *, weights=True):
         b, s = dy.shape[0], dy.shape[1]
+        if self.recompute == "full":            # the regions inside count their own FLOPs
+            self._recompute_forward(key, f"{self.trace_name}.recompute", 0.0)
         dxn = self.moe.backward_pass(dy, key, weights=weights)
         name, flops = f"{self.trace_name}.attn.backward", 2 * self._attn_flops(b, s)
         if not weights:            # input gradients only (zero-bubble I)
@@ -125,10 +135,11 @@ class MoETransformerBlock(Module):
 class MoEGPT(GPT):
     """The reference GPT with MoE feed-forward layers in ``config.moe_layers``."""
 
-    def __init__(self, config: MoEGPTConfig, seed: int = 0, dtype=np.float64) -> None:
+    def __init__(self, config: MoEGPTConfig, seed: int = 0, dtype=np.float64,
+                 recompute: str = "none") -> None:
         if not isinstance(config, MoEGPTConfig):
             raise TypeError(f"MoEGPT needs a MoEGPTConfig, got {type(config).__name__}")
-        super().__init__(config, seed, dtype)
+        super().__init__(config, seed, dtype, recompute)
         c = config
         for i in c.moe_layers:
             rng = np.random.default_rng([seed, 1, i])
@@ -140,6 +151,7 @@ class MoEGPT(GPT):
                                         trace_name=f"block{i}")
             self.blocks[i] = block
             self.children[f"blocks.{i}"] = block       # same key: same place in the tree
+        self.set_recompute(recompute)
 
     def moe_layers(self) -> list:
         """The MoE layers, in block order."""

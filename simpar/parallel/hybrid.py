@@ -46,6 +46,7 @@ import numpy as np
 from ..comm import Comm
 from ..comm.mesh import Mesh
 from ..nn import GPT
+from ..nn.module import check_recompute
 from ..nn.moe_gpt import MoEGPT
 from ..optim import clip_grad_norm
 from .data import DEFAULT_BUCKET_BYTES, GradientBuckets, check_bucket_bytes
@@ -114,9 +115,13 @@ class HybridModel:
 
     def __init__(self, reference: GPT, mesh: Mesh, *, schedule: str = "1f1b",
                  sequence_parallel: bool = False, partition_by="layers",
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = False) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = False,
+                 recompute: str | None = None) -> None:
         cfg = mesh.config
         check_layout(reference, cfg, schedule, sequence_parallel)
+        # activation recomputation: "none" | "selective" | "full" (None: as the reference)
+        self.recompute = check_recompute(getattr(reference.blocks[0], "recompute", "none")
+                                         if recompute is None else recompute)
         self.bucket_bytes = check_bucket_bytes(bucket_bytes)
         self.mesh, self.config, self.schedule_name = mesh, reference.config, schedule
         self.sequence_parallel = bool(sequence_parallel) and cfg.tp > 1
@@ -124,15 +129,17 @@ class HybridModel:
         n_stages = cfg.pp * cfg.vpp
         bounds = partition(reference, n_stages, partition_by)
         mesh.world.agree("hybrid layout (mesh, model, schedule, sequence parallel, layer "
-                         "split, buckets, overlap)",
+                         "split, buckets, overlap, recompute)",
                          (cfg, repr(reference.config), schedule, self.sequence_parallel,
                           tuple((b.start, b.stop) for b in bounds), self.bucket_bytes,
-                          self.overlap))
+                          self.overlap, self.recompute))
         mine = [s for s in range(n_stages) if s % cfg.pp == mesh.coords.pp]
         model = copy.deepcopy(reference) if cfg.tp == 1 else reference   # tp=1: pieces are its own
         tp = mesh.tp if cfg.tp > 1 else None
         self.stages = {s: PipelineStage(model, s, n_stages, bounds[s], tp,
                                         self.sequence_parallel, mesh.ep) for s in mine}
+        for st in self.stages.values():
+            st.set_recompute(self.recompute)
         self.embedding = embedding_group(mesh, self.config.tie_weights)
         self._make_buckets()
         self._synced = False
@@ -312,5 +319,5 @@ class HybridModel:
 def build_model(reference: GPT, mesh: Mesh, **options) -> HybridModel:
     """This rank's part of ``reference`` laid out on ``mesh``; see :class:`HybridModel`
     for the options (``schedule``, ``sequence_parallel``, ``partition_by``,
-    ``bucket_bytes``, ``overlap``).  ``reference`` is left untouched."""
+    ``bucket_bytes``, ``overlap``, ``recompute``).  ``reference`` is left untouched."""
     return HybridModel(reference, mesh, **options)

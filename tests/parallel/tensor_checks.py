@@ -18,7 +18,7 @@ from simpar.parallel.tensor import (ColumnParallelLinear, NaiveTensorParallelMLP
                                     ParallelGPT, ParallelMLP, ParallelTransformerBlock,
                                     RowParallelLinear, VocabParallelEmbedding,
                                     activation_elements, layer_comm_elements, mlp_comm_elements,
-                                    ring_bytes, vocab_parallel_cross_entropy,
+                                    recompute_flops, ring_bytes, vocab_parallel_cross_entropy,
                                     vocab_parallel_cross_entropy_backward)
 from simpar.parallel.tensor.mappings import split_along
 from tests.util import assert_close
@@ -317,6 +317,53 @@ order: to rounding) — tied and untied head, with and without SP; after ``I`` n
                     np.testing.assert_array_equal(par.gradients()[name], g, f"{what} {name}")
 
 
+# ------------------------------------------------ activation recomputation
+def check_recompute(tp) -> None:
+    """Per block and device, with and without SP, recompute none / selective /
+    full: the ledger holds exactly ``activation_elements(..., recompute)`` after
+    forward; backward gives bit for bit the gradients of no recomputation; the
+    FLOPs added equal :func:`recompute_flops`; full recomputation re-runs the
+    forward's collectives in backward (2 all-reduces, or 2 all-gathers + 2
+    reduce-scatters under SP), selective none."""
+    t = tp.size
+    ledger = tp.tracer.memory
+    rng = np.random.default_rng(51)
+    blk = TransformerBlock(H, N_HEAD, 4 * H, rng=rng).init_random_(rng, std=0.3)
+    for sp in (False, True):
+        x = to_local(rand(52, B, S, H), "seq" if sp else "rep", tp)
+        dy = to_local(rand(53, B, S, H), "seq" if sp else "rep", tp)
+        base = None
+        for mode in ("none", "selective", "full"):
+            what = f"recompute={mode} sp={sp}"
+            par = ParallelTransformerBlock.from_reference(blk, tp, sp)
+            par.set_recompute(mode)
+            before = ledger.current.get("activations", 0)
+            par.forward(x, key=1)
+            saved = ledger.current["activations"] - before
+            assert saved == 8 * activation_elements(B, S, H, N_HEAD, t, 4 * H, sp, mode), \
+                (what, saved)
+            mark = len(tp.tracer.events)
+            dx = par.backward(dy, key=1)
+            events = tp.tracer.events[mark:]
+            assert ledger.current["activations"] == before, what
+            par.finalize_grads()
+            got = (dx, par.gradients(), _count(_comm_since(tp, mark)),
+                   sum(e.flops for e in events if e.category == "compute"))
+            if base is None:
+                base = got
+                continue
+            np.testing.assert_array_equal(got[0], base[0], f"{what} dx")
+            for name, g in base[1].items():
+                np.testing.assert_array_equal(got[1][name], g, f"{what} {name}")
+            assert got[3] - base[3] == recompute_flops(B, S, H, t, mode), (what, got[3], base[3])
+            extra = got[2] - base[2]
+            if mode == "full":
+                want = {"all_gather": 2, "reduce_scatter": 2} if sp else {"all_reduce": 2}
+                assert extra == Counter(want) and base[2] - got[2] == Counter(), (what, extra)
+            else:
+                assert got[2] == base[2], (what, got[2], base[2])
+
+
 CHECKS = [check_linear_layers, check_mlp_and_attention, check_block, check_embedding_and_loss,
           check_gpt, check_layer_communication, check_activation_memory,
-          check_weight_grad_split]
+          check_weight_grad_split, check_recompute]

@@ -25,7 +25,7 @@ Every layer is cut from a reference module of :mod:`simpar.nn`::
     grads = block.full_gradients()        # reference names and shapes (collective)
 """
 from .accounting import (activation_elements, korthikanti_activation_bytes,
-                         layer_comm_elements, mlp_comm_elements, ring_bytes)
+                         layer_comm_elements, mlp_comm_elements, recompute_flops, ring_bytes)
 from .attention import ParallelAttention
 from .layers import ColumnParallelLinear, RowParallelLinear, TensorParallelModule
 from .mappings import (allreduce_sequence_parallel_grads, copy_to_tp_region,
@@ -56,5 +56,6 @@ __all__ = [
     "vocab_parallel_cross_entropy_backward", "vocab_range",
     "ParallelTransformerBlock", "ParallelGPT",
     "ring_bytes", "layer_comm_elements", "mlp_comm_elements", "activation_elements",
+    "recompute_flops",
     "korthikanti_activation_bytes",
 ]

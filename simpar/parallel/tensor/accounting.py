@@ -24,6 +24,7 @@ exactly as much.
 from __future__ import annotations
 
 from ... import formulas
+from ...nn.module import check_recompute
 from ...trace import Event
 
 
@@ -54,24 +55,55 @@ def mlp_comm_elements(b: int, s: int, h: int, d_ff: int, t: int, naive: bool = F
 
 
 def activation_elements(b: int, s: int, h: int, n_head: int, t: int, d_ff: int | None = None,
-                        sequence_parallel: bool = False) -> int:
+                        sequence_parallel: bool = False, recompute: str = "none") -> int:
     """Elements one device saves for backward per transformer layer (exact).
 
-    The table in :mod:`.transformer` lists every saved tensor.  With ``d_ff = 4h``:
+    The table in :mod:`.transformer` lists every saved tensor.  With ``d_ff = 4h``,
+    next to Korthikanti et al. 2022, Table 2 (bytes, 16-bit, with dropout masks):
 
-    * tensor parallel: ``bsh·(4 + 12/t) + 2bs + a·b·s²/t``
-    * tensor + sequence parallel: ``bsh·(2 + 14/t) + 2bs/t + a·b·s²/t``
+    ======================  =================================  ==========================
+    recompute               simpar (elements)                  Korthikanti Table 2 (bytes)
+    ======================  =================================  ==========================
+    none, no parallelism    ``16bsh + 2bs + a·b·s²``           ``sbh(34 + 5as/h)``
+    none, TP                ``bsh(4 + 12/t) + 2bs + abs²/t``   ``sbh(10 + 24/t + 5as/(ht))``
+    none, TP + SP           ``bsh(2 + 14/t) + 2bs/t + abs²/t`` ``sbh(34 + 5as/h)/t``
+    selective, TP + SP      ``bsh(2 + 14/t) + 2bs/t``          ``34sbh/t``
+    full                    ``bsh`` (``bsh/t`` with SP)        ``2sbh``
+    ======================  =================================  ==========================
 
-    (``t = 1`` gives the reference block's ``16bsh + 2bs + a·b·s²`` either way.)
+    Selective recomputation removes exactly the ``a·b·s²/t`` term (the paper's
+    ``5as/h``: scores, softmax output and its dropout mask); selective without SP
+    is ``bsh(4 + 12/t) + 2bs``.  Full recomputation keeps only the layer's input,
+    which under SP is this rank's sequence shard (the paper's ``2sbh`` counts the
+    replicated input without SP).  ``t = 1`` gives the reference block either way.
     """
+    check_recompute(recompute)
     d_ff = 4 * h if d_ff is None else d_ff
     bsh = b * s * h
-    split = 3 * bsh // t + bsh // t + 2 * b * s * d_ff // t + n_head * b * s * s // t
+    if recompute == "full":
+        return bsh // t if sequence_parallel else bsh
+    probs = 0 if recompute == "selective" else n_head * b * s * s // t
+    split = 3 * bsh // t + bsh // t + 2 * b * s * d_ff // t + probs
     gathered = 2 * bsh                                     # qkv and fc1 inputs
     layernorms = 2 * (bsh + b * s)                         # x̂ and 1/σ, twice
     if sequence_parallel:
         layernorms //= t
     return gathered + layernorms + split
+
+
+def recompute_flops(b: int, s: int, h: int, t: int, recompute: str,
+                    d_ff: int | None = None) -> float:
+    """FLOPs one device adds per layer and micro-batch by recomputing: ``"full"``
+    one more forward, ``(24bsh² + 4bs²h)/t`` with ``d_ff = 4h`` (Narayanan et al.
+    2021, appendix; so a step costs 4 forwards instead of 3); ``"selective"`` the
+    attention core ``QKᵀ`` and ``PV`` of this rank's heads, ``4bs²h/t``
+    (Korthikanti et al. 2022, §5: a few percent for large ``h``); ``"none"`` 0."""
+    check_recompute(recompute)
+    if recompute == "full":
+        return formulas.layer_forward_flops(b, s, h, d_ff) / t
+    if recompute == "selective":
+        return formulas.attention_flops(b, s, h) / t
+    return 0.0
 
 
 def korthikanti_activation_bytes(b: int, s: int, h: int, n_head: int, t: int,

@@ -8,6 +8,11 @@ input and runs attention on them without any communication.  The output
 projection is row-parallel: its rows are the hidden channels of this rank's heads.
 As in the MLP: ``f`` before QKV, ``g`` after the projection — one all-reduce
 forward, one backward.
+
+Selective recomputation (Korthikanti et al. 2022, §5): with
+``recompute="selective"`` the ``a·b·s²/t`` probabilities of this rank's heads are
+not kept; backward recomputes ``softmax(q kᵀ/√d + M)`` from the kept ``q, k, v``
+(region ``<name>.core.recompute``, the core's forward FLOPs, no communication).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ class ParallelAttention(TensorParallelModule):
         if h % n_head:
             raise ValueError(f"hidden size h={h} is not divisible by n_head={n_head}")
         self.h, self.n_head, self.trace_name = h, n_head, trace_name
+        self.recompute = "none"
         self.h_local, self.n_head_local = h // tp.size, n_head // tp.size
         self.qkv = self.add_child("qkv", ColumnParallelLinear(
             h, 3 * h, tp, sequence_parallel=sequence_parallel, parts=3, dtype=dtype,
@@ -57,6 +63,7 @@ class ParallelAttention(TensorParallelModule):
                 trace_name)
         m.qkv.load_reference(attn.qkv)
         m.proj.load_reference(attn.proj)
+        m.recompute = getattr(attn, "recompute", "none")
         return m
 
     def _core_flops(self, b: int, s: int) -> float:
@@ -66,10 +73,13 @@ class ParallelAttention(TensorParallelModule):
         hl = self.h_local
         qkv = self.qkv.forward(x, key)                 # (b, s, 3h/t) = [q_i | k_i | v_i]
         b, s = qkv.shape[0], qkv.shape[1]
+        q, k, v = qkv[..., :hl], qkv[..., hl:2 * hl], qkv[..., 2 * hl:]
         with trace.compute(f"{self.trace_name}.core.forward", flops=self._core_flops(b, s)):
-            y, (q, k, v, att, _) = K.attention_forward_fast(
-                qkv[..., :hl], qkv[..., hl:2 * hl], qkv[..., 2 * hl:], self.n_head_local)
-        self._save(key, q=q, k=k, v=v, att=att)        # views of qkv, and P
+            y, (qh, kh, vh, att, _) = K.attention_forward_fast(q, k, v, self.n_head_local)
+        if self.recompute == "selective":              # P is computed again in backward
+            self._save(key, q=q, k=k, v=v)
+        else:
+            self._save(key, q=qh, k=kh, v=vh, att=att)  # views of qkv, and P
         return self.proj.forward(frozen(y), key)
 
     def backward_pass(self, dy, key=0, *, weights=True):
@@ -77,6 +87,11 @@ class ParallelAttention(TensorParallelModule):
         dy = self.proj.backward_pass(dy, key, weights=weights)               # (b, s, h/t)
         sv = self._pop(key)
         b, s = dy.shape[0], dy.shape[1]
+        if "att" not in sv:                            # selective recomputation
+            with trace.compute(f"{self.trace_name}.core.recompute",
+                               flops=self._core_flops(b, s)):
+                _, (sv["q"], sv["k"], sv["v"], sv["att"], _) = K.attention_forward_fast(
+                    sv["q"], sv["k"], sv["v"], self.n_head_local)
         scale = 1.0 / math.sqrt(self.h // self.n_head)
         dqkv = np.empty((b, s, 3 * hl), dtype=dy.dtype)
         with trace.compute(f"{self.trace_name}.core.backward", flops=2 * self._core_flops(b, s)):

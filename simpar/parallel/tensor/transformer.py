@@ -90,6 +90,7 @@ class ParallelTransformerBlock(TensorParallelModule):
                              "router's capacity is counted per rank's tokens, so sequence "
                              "shards would route differently (use sequence_parallel=False)")
         self.h, self.trace_name = h, trace_name
+        self.recompute = "none"         # "full": keep the input only, forward again in backward
         sp = sequence_parallel
         self.ln1 = self.add_child("ln1", LayerNorm(h, dtype=dtype))
         self.attn = self.add_child("attn", ParallelAttention(
@@ -121,6 +122,7 @@ class ParallelTransformerBlock(TensorParallelModule):
             d_ff = block.mlp.fc1.n_out
         m = cls(block.h, attn.n_head, d_ff, tp, sequence_parallel,
                 attn.qkv.params["W"].dtype, trace_name or block.trace_name, moe=moe)
+        m.set_recompute(getattr(block, "recompute", "none"))
         return m.load_reference(block)
 
     def load_reference(self, block) -> "ParallelTransformerBlock":
@@ -140,6 +142,12 @@ class ParallelTransformerBlock(TensorParallelModule):
         return (own if self.sequence_parallel else []) + super().sequence_parallel_grads()
 
     def forward(self, x, key=0):
+        y = self._forward(x, key)
+        if self.recompute == "full":
+            self._keep_input_only(x, key)
+        return y
+
+    def _forward(self, x, key):
         name = self.trace_name
         x1 = self.attn.forward(_layernorm(self.ln1, x, key, f"{name}.ln1"), key)
         x1 += x
@@ -149,6 +157,8 @@ class ParallelTransformerBlock(TensorParallelModule):
 
     def backward_pass(self, dy, key=0, *, weights=True):
         name, w = self.trace_name, weights
+        if self.recompute == "full":    # the forward again: its regions and collectives
+            self._recompute_forward(key, f"{name}.recompute", 0.0)
         dx1 = _layernorm_backward(self.ln2, self.ffn.backward_pass(dy, key, weights=w), key,
                                   f"{name}.ln2")
         dx1 += dy
@@ -230,7 +240,15 @@ class ParallelGPT(TensorParallelModule):
         return (own if self.sequence_parallel else []) + super().sequence_parallel_grads()
 
     # ------------------------------------------------------ embedding end
+    #: context parallelism: this rank's local length -> its sequence positions
+    #: (set by :func:`~simpar.parallel.hybrid.build_model` when ``cp > 1``)
+    cp_positions = None
+
     def _my_positions(self, s: int) -> slice:
+        if self.cp_positions is not None:              # context parallel: my chunks
+            pos = self.cp_positions(s)
+            k = s // self.tp.size if self.sequence_parallel else s
+            return pos[self.tp.rank * k:(self.tp.rank + 1) * k] if self.sequence_parallel else pos
         if not self.sequence_parallel:
             return slice(0, s)
         k = s // self.tp.size
