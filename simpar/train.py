@@ -211,6 +211,7 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
           weight_decay: float = 0.0, warmup: int = 10, min_lr_frac: float = 0.1,
           grad_clip: float | None = 1.0, overlap: bool = False, bucket_bytes: int = 1 << 20,
           model: dict | None = None, corpus: str = "corpus", log_every: int = 0,
+          attention: str = "ring",
           zero: int = 0, save: str | None = None, save_every: int = 0,
           resume: str | None = None, recompute: str = "none", log=print) -> dict:
     """Train on ``layout`` (a :class:`~simpar.comm.mesh.ParallelConfig`): every rank of
@@ -223,6 +224,8 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
     :class:`~simpar.parallel.hybrid.HybridModel`).  The tracer is reset before
     the last step, so it holds that step's events (for a timeline).
 
+    ``attention``: the context-parallel scheme when ``layout.cp > 1``, ``"ring"``
+    (load-balanced ring attention) or ``"ulysses"`` (:mod:`simpar.parallel.context`).
     ``zero``: ZeRO stage 0-3 of the optimizer (:mod:`simpar.parallel.zero`).
     ``save``: a checkpoint root (:mod:`simpar.checkpoint`), written every
     ``save_every`` steps and after the last; ``resume``: a checkpoint to continue
@@ -236,6 +239,9 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
     from .parallel.zero import DistributedOptimizer, check_zero
     check_zero(zero, layout, moe=bool(moe_experts), sequence_parallel=sequence_parallel,
                overlap=overlap)
+    if layout.cp > 1 and zero:
+        raise ValueError(f"ZeRO (zero={zero}) with context parallelism (cp={layout.cp}) is not "
+                         "supported: ZeRO shards over dp, the gradients are summed over dp x cp")
     if isinstance(save_every, bool) or not isinstance(save_every, (int, np.integer)) \
             or save_every < 0 or (save_every and not save):
         raise ValueError(f"save_every must be an integer >= 0 (with save=DIR), got "
@@ -254,6 +260,7 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
                           groups=layout.dp * micro_batches, **(model or {}))
     mesh = Mesh(comm, layout)
     hybrid = build_model(ref, mesh, schedule=schedule, sequence_parallel=sequence_parallel,
+                         context_parallel=attention,
                          overlap=overlap, bucket_bytes=bucket_bytes, recompute=recompute)
     del ref
     opt = DistributedOptimizer(hybrid, zero, "adamw", lr=lr, weight_decay=weight_decay)
@@ -303,7 +310,7 @@ def _parser():
     ap = argparse.ArgumentParser(
         prog="python -m simpar train",
         description="Train a character-level GPT on the shipped corpus on any layout "
-                    "dp x tp x pp (x ep): threads with the layout's world size, or the "
+                    "dp x tp x pp (x ep, x cp): threads with the layout's world size, or the "
                     "ranks of mpiexec.")
     add = ap.add_argument
     add("--dp", type=int, default=1, help="data-parallel degree (default 1)")
@@ -311,6 +318,11 @@ def _parser():
     add("--pp", type=int, default=1, help="pipeline stages (default 1)")
     add("--ep", type=int, default=1, help="expert-parallel degree, divides dp (default 1)")
     add("--vpp", type=int, default=1, help="model chunks per pipeline rank (interleaved)")
+    add("--cp", type=int, default=1, help="context-parallel degree: the sequence split over "
+        "cp ranks (default 1)")
+    add("--attention", default="ring", choices=("ring", "ulysses"),
+        help="context-parallel attention with --cp > 1: ring (load-balanced ring attention, "
+        "default) or ulysses (all-to-all over heads)")
     add("--schedule", default=None, help="pipeline schedule: naive, gpipe, 1f1b, "
         "interleaved, zb-h1 (default 1f1b; interleaved when --vpp > 1)")
     add("--micro-batches", type=int, default=1, help="micro-batches per step (default 1)")
@@ -345,11 +357,13 @@ def main(argv=None) -> dict:
     from .comm import launch, launcher_size, run
     from .comm.mesh import ParallelConfig
     args = _parser().parse_args(argv)
-    layout = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp)
+    layout = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp,
+                            cp=args.cp)
     schedule = args.schedule or ("interleaved" if args.vpp > 1 else "1f1b")
     cluster = sim.preset(args.cluster)
     kw = dict(steps=args.steps, batch_size=args.batch_size, micro_batches=args.micro_batches,
               schedule=schedule, sequence_parallel=args.sequence_parallel,
+              attention=args.attention,
               moe_experts=args.moe_experts, moe_k=args.moe_k, lr=args.lr, seed=args.seed,
               dtype=np.float64 if args.float64 else np.float32, overlap=args.overlap,
               bucket_bytes=args.bucket_bytes, log_every=args.log_every, zero=args.zero,
@@ -369,7 +383,8 @@ def main(argv=None) -> dict:
         results = launch(job, layout.world_size, cluster=cluster)
     out = results[0]
     if init_rank() == 0:
-        label = f"dp{layout.dp} tp{layout.tp} pp{layout.pp} ep{layout.ep}"
+        label = f"dp{layout.dp} tp{layout.tp} pp{layout.pp} ep{layout.ep}" + \
+            (f" cp{layout.cp} {args.attention}" if layout.cp > 1 else "")
         os.makedirs(args.out, exist_ok=True)
         viz.save(viz.loss_curves({label: out["loss"]}, "training loss"),
                  os.path.join(args.out, "train_loss.png"))

@@ -27,7 +27,18 @@ LayerNorms, row biases, ``wpe``    ``tp`` under sequence         one all-reduce
 under sequence parallelism         parallelism (partial sums)
 tied ``wte`` with ``pp > 1``       the embedding group (first    one all-reduce
                                    and last stage)
+every parameter, with ``cp > 1``   ``dp × cp`` (``mesh.dp_cp``:  the dp buckets, over
+                                   context parallelism)          ``dp_cp`` instead
 =================================  ===========================  =================
+
+**Context parallelism** (``ParallelConfig(cp=...)``, :mod:`simpar.parallel.context`):
+each cp rank holds its share of every sequence — the load-balanced chunks ``i``
+and ``2cp−1−i`` for ring attention, a contiguous ``s/cp`` for Ulysses — from the
+embedding (its positions of ``wpe``) to the loss (its tokens, weighted by the
+global token count); the attention of every block is a
+:class:`~simpar.parallel.context.ContextParallelAttention` over ``mesh.cp``
+(option ``context_parallel="ring"`` or ``"ulysses"``).  The blocks are the
+tensor-parallel pieces (over a 1-rank tp group when ``tp = 1``).
 
 The loss is the mean over the **global** token count, so these sums give exactly
 the single-device gradient.  MoE auxiliary losses: each (dp rank, micro-batch) is
@@ -49,12 +60,14 @@ from ..nn import GPT
 from ..nn.module import check_recompute
 from ..nn.moe_gpt import MoEGPT
 from ..optim import clip_grad_norm
+from .context import SCHEMES, check_context, chunk_positions, use_context_parallel
 from .data import DEFAULT_BUCKET_BYTES, GradientBuckets, check_bucket_bytes
 from .pipeline import PipelineStage, StepResult, make_schedule, partition, run_schedule
 from .tensor.layers import check_divisible
 from .tensor.mappings import allreduce_sequence_parallel_grads
 
-__all__ = ["HybridModel", "build_model", "check_layout", "embedding_group", "split_batch"]
+__all__ = ["HybridModel", "build_model", "check_layout", "check_context_layout",
+           "embedding_group", "split_batch"]
 
 
 def check_layout(reference: GPT, mesh_config, schedule: str = "1f1b",
@@ -84,6 +97,30 @@ def check_layout(reference: GPT, mesh_config, schedule: str = "1f1b",
         raise ValueError(f"ep={cfg.ep} needs a model with MoE layers (MoEGPT)")
 
 
+def check_context_layout(reference: GPT, mesh_config, context_parallel: str = "ring",
+                         cp_balanced: bool | None = None, sequence_parallel: bool = False,
+                         seq: int | None = None) -> bool:
+    """The context-parallel checks that need no message (sequence divisible by
+    ``2·cp`` for the balanced ring or ``cp``, times ``tp`` under sequence
+    parallelism; heads per tp rank divisible by ``cp`` for Ulysses; no MoE).
+    Returns whether the sequence is cut into load-balanced chunks."""
+    c, cfg = reference.config, mesh_config
+    if context_parallel not in SCHEMES:
+        raise ValueError(f"context_parallel={context_parallel!r}: choose one of "
+                         f"{', '.join(SCHEMES)}")
+    balanced = (context_parallel == "ring") if cp_balanced is None else bool(cp_balanced)
+    if cfg.cp == 1:
+        return balanced
+    seq = c.seq_len if seq is None else seq
+    check_context(seq, cfg.cp, context_parallel, balanced, c.n_head // cfg.tp)
+    if sequence_parallel and cfg.tp > 1:
+        check_divisible(f"sequence length / cp = {seq} / {cfg.cp}", seq // cfg.cp, cfg.tp)
+    if isinstance(reference, MoEGPT):
+        raise ValueError("MoE layers with context parallelism are not supported: the "
+                         "router's capacity is counted per rank's tokens (use cp=1)")
+    return balanced
+
+
 def embedding_group(mesh: Mesh, tied: bool) -> Comm | None:
     """The first and last pipeline rank of one (dp, tp) position, which both hold
     the tied ``wte`` (Megatron-LM's embedding group); ``None`` when not needed.
@@ -92,7 +129,8 @@ def embedding_group(mesh: Mesh, tied: bool) -> Comm | None:
     if not tied or cfg.pp == 1:
         return None
     member = c.pp in (0, cfg.pp - 1)
-    color = c.dp * cfg.tp + c.tp if member else cfg.dp * cfg.tp + mesh.world.rank
+    n = cfg.dp * cfg.cp * cfg.tp                       # (dp, cp, tp) positions
+    color = (c.dp * cfg.cp + c.cp) * cfg.tp + c.tp if member else n + mesh.world.rank
     group = mesh.world.split(color, c.pp, name="embedding")
     return group if member else None
 
@@ -113,11 +151,15 @@ class HybridModel:
     rank holds to its :class:`~simpar.parallel.pipeline.PipelineStage`.
     """
 
-    def __init__(self, reference: GPT, mesh: Mesh, *, schedule: str = "1f1b",
+    def __init__(self, reference: GPT, mesh: Mesh, *, context_parallel: str = "ring",
+                 cp_balanced: bool | None = None, attention_block: int = 128,
+                 schedule: str = "1f1b",
                  sequence_parallel: bool = False, partition_by="layers",
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = False,
                  recompute: str | None = None) -> None:
         cfg = mesh.config
+        self.cp_balanced = check_context_layout(reference, cfg, context_parallel, cp_balanced,
+                                                sequence_parallel)
         check_layout(reference, cfg, schedule, sequence_parallel)
         # activation recomputation: "none" | "selective" | "full" (None: as the reference)
         self.recompute = check_recompute(getattr(reference.blocks[0], "recompute", "none")
@@ -128,6 +170,10 @@ class HybridModel:
         self.overlap = bool(overlap)
         n_stages = cfg.pp * cfg.vpp
         bounds = partition(reference, n_stages, partition_by)
+        self.context = (context_parallel, self.cp_balanced, int(attention_block)) \
+            if cfg.cp > 1 else None
+        mesh.world.agree("context parallelism (cp; attention scheme, load balancing, tile)",
+                         (cfg.cp, self.context))
         mesh.world.agree("hybrid layout (mesh, model, schedule, sequence parallel, layer "
                          "split, buckets, overlap, recompute)",
                          (cfg, repr(reference.config), schedule, self.sequence_parallel,
@@ -135,12 +181,14 @@ class HybridModel:
                           self.overlap, self.recompute))
         mine = [s for s in range(n_stages) if s % cfg.pp == mesh.coords.pp]
         model = copy.deepcopy(reference) if cfg.tp == 1 else reference   # tp=1: pieces are its own
-        tp = mesh.tp if cfg.tp > 1 else None
+        tp = mesh.tp if cfg.tp > 1 or cfg.cp > 1 else None   # cp: tp pieces (1-rank tp)
         self.stages = {s: PipelineStage(model, s, n_stages, bounds[s], tp,
                                         self.sequence_parallel, mesh.ep) for s in mine}
         for st in self.stages.values():
             st.set_recompute(self.recompute)
         self.embedding = embedding_group(mesh, self.config.tie_weights)
+        if self.context is not None:
+            self._use_context_parallel()
         self._make_buckets()
         self._synced = False
         self.zero = None       # a ZeRO DistributedOptimizer (stages 1-3) sets itself here
@@ -185,7 +233,7 @@ class HybridModel:
                 self._holders[name] = self._holders.get(name, 0) + 1
         self._reports: dict[str, int] = {}
         self.buckets = [GradientBuckets(grads, comm, self.bucket_bytes, self.overlap)
-                        for grads, comm in ((dense, self.mesh.dp), (expert, self.mesh.edp))
+                        for grads, comm in ((dense, self.mesh.dp_cp), (expert, self.mesh.edp))
                         if grads and comm.size > 1]
 
     # ------------------------------------------------------------ a step
@@ -208,19 +256,42 @@ class HybridModel:
             raise RuntimeError("HybridModel.step() called again without zero_grad(): the "
                                "summed gradients would be summed again; accumulate with "
                                "micro_batches instead")
+        if self.context is not None:              # before any message
+            cp = self.mesh.config.cp
+            check_context(idx.shape[1], cp, self.context[0], self.cp_balanced)
+            if self.sequence_parallel:
+                check_divisible(f"sequence length / cp = {idx.shape[1]} / {cp}",
+                                idx.shape[1] // cp, self.mesh.config.tp)
         self.mesh.world.agree("global batch (token ids, the same on every rank)", idx)
         self.mesh.world.agree("global targets", targets)
         for layer in self.moe_layers():
             layer.aux_scale = 1.0 / (dp * m)      # one routing group per (dp rank, micro-batch)
         schedule = make_schedule(self.schedule_name, self.mesh.config.pp, m,
                                  self.mesh.config.vpp)
-        r = self.mesh.coords.dp
+        r, n_tokens = self.mesh.coords.dp, targets.size   # the loss: mean over all tokens
+        if self.context is not None:              # this cp rank's tokens of every sequence
+            mine = chunk_positions(idx.shape[1], self.mesh.config.cp, self.mesh.coords.cp,
+                                   self.cp_balanced)
+            idx, targets = idx[:, mine], targets[:, mine]
         run = run_schedule if self.zero is None else self.zero.run_schedule   # ZeRO-3: gathers
         result = run(self.mesh.pp, schedule, self.stages, split_batch(idx, r, dp, m),
-                              split_batch(targets, r, dp, m), loss_tokens=targets.size,
+                              split_batch(targets, r, dp, m), loss_tokens=n_tokens,
                               grads_ready=self._ready)
         self.sync_grads()
-        return self._global_loss(result, dp * m, idx.shape[0] // dp / idx.shape[0])
+        share = 1.0 / (dp * self.mesh.config.cp)  # this rank's share of the tokens
+        return self._global_loss(result, dp * m, share)
+
+    def _use_context_parallel(self) -> None:
+        """Every block's attention over ``mesh.cp``; the embedding adds the
+        position rows of this rank's tokens."""
+        scheme, balanced, tile = self.context
+        cp, rank = self.mesh.cp, self.mesh.coords.cp
+        for st in self.stages.values():
+            for block in st.blocks:
+                use_context_parallel(block, cp, scheme, balanced, tile)
+            if st.is_first:
+                st.model.cp_positions = \
+                    lambda sl, P=cp.size: chunk_positions(sl * P, P, rank, balanced)
 
     def _ready(self, names: Sequence[str]) -> None:
         """A stage reports gradients final; a name held by several local stages (a
@@ -282,7 +353,7 @@ class HybridModel:
             if name in experts:
                 counted = mesh.edp.rank == 0 and (c.ep == 0 or not name.endswith("router.W"))
             else:
-                counted = c.dp == 0
+                counted = c.dp == 0 and c.cp == 0
             if counted and (name in sharded or c.tp == 0):
                 flat = g.ravel()
                 total += float(np.dot(flat, flat))
