@@ -14,6 +14,7 @@ COMMANDS = {
     "tensor": ("simpar.demos.tensor_parallel", "tensor + sequence parallelism vs the reference"),
     "pipeline": ("simpar.demos.pipeline_parallel", "pipeline schedules, bubbles, equivalence"),
     "expert": ("simpar.demos.expert_parallel", "Mixture-of-Experts routing and all-to-all"),
+    "zero": ("simpar.demos.zero", "ZeRO stages 0-3: memory per rank and bytes per step"),
     "figures": ("simpar.demos.figures", "regenerate the committed figures/ (demos write ./out)"),
     "train": ("simpar.train", "train a GPT on the shipped corpus on any dp x tp x pp (x ep) layout"),
 }

@@ -382,6 +382,10 @@ def main(argv=None) -> dict:
         print(layout.grid())
         results = launch(job, layout.world_size, cluster=cluster)
     out = results[0]
+    if not out["loss"]:                          # resumed at the last step
+        if init_rank() == 0:
+            print(f"nothing to train: the checkpoint is at step {args.steps} of {args.steps}")
+        return out
     if init_rank() == 0:
         label = f"dp{layout.dp} tp{layout.tp} pp{layout.pp} ep{layout.ep}" + \
             (f" cp{layout.cp} {args.attention}" if layout.cp > 1 else "")

@@ -399,3 +399,53 @@ def loss_curves(curves: dict, title: str = "training loss"):
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
+
+
+def zero_memory(rows: list[dict], example: dict | None = None):
+    """ZeRO's Table 1 in the shape of a figure (Rajbhandari et al. 2020, §5):
+    model-state bytes per device against the data-parallel degree, one line per
+    stage — measured from the memory ledger (filled markers) on the formula
+    (hollow) — and, beside it, the paper's 7.5B-parameter example at N = 64.
+
+    ``rows``: ``{"stage", "dp", "ledger", "formula"}`` (bytes per rank);
+    ``example``: ``{"psi", "n", "gb": {stage: GB}, "paper": {stage: GB}}``."""
+    fig, axes = plt.subplots(1, 2 if example else 1, figsize=(11 if example else 6.5, 4.2),
+                             squeeze=False)
+    ax = axes[0][0]
+    names = {0: "DP (stage 0)", 1: "ZeRO-1  P_os", 2: "ZeRO-2  P_os+g", 3: "ZeRO-3  P_os+g+p"}
+    colors = ["#555555", "#4C72B0", "#DD8452", "#55A868"]
+    for stage in sorted({r["stage"] for r in rows}):
+        rs = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["dp"])
+        dps = [r["dp"] for r in rs]
+        ax.plot(dps, [r["formula"] / 1024 for r in rs], "o", mfc="none", ms=11,
+                color=colors[stage])
+        ax.plot(dps, [r["ledger"] / 1024 for r in rs], "-o", ms=5, color=colors[stage],
+                label=names[stage])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(sorted({r["dp"] for r in rows}))
+    ax.set_xticklabels([str(d) for d in sorted({r["dp"] for r in rows})])
+    ticks = [2 ** k for k in range(20) if min(r["ledger"] for r in rows) / 1024 / 2 <= 2 ** k
+             <= max(r["ledger"] for r in rows) / 1024 * 2]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"{t:g}" for t in ticks])
+    ax.set_xlabel("data-parallel degree N")
+    ax.set_ylabel("params + grads + optimizer per rank (KiB)")
+    ax.set_title("small GPT: memory ledger (dots) on the ZeRO §5 formula (rings)", fontsize=9)
+    ax.legend(fontsize=8)
+    if example:
+        ax = axes[0][1]
+        stages = sorted(example["gb"])
+        bars = ax.bar([names[s].split("  ")[-1] for s in stages],
+                      [example["gb"][s] for s in stages], color=[colors[s] for s in stages])
+        for b, s in zip(bars, stages):
+            ax.annotate(f"{example['gb'][s]:.3g} GB\n(paper {example['paper'][s]} GB)",
+                        (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                        va="bottom", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylim(1, 600)
+        ax.set_ylabel("GB per device")
+        ax.set_title(f"ZeRO Table 1: Ψ = {example['psi'] / 1e9:g}B, N = {example['n']}, "
+                     "mixed-precision Adam", fontsize=9)
+    fig.tight_layout()
+    return fig

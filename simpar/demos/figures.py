@@ -31,11 +31,12 @@ FIGURES = {
     "ep_dispatch_timeline.png": "expert_parallel",
     "ep_load.png": "expert_parallel",
     "hybrid_loss.png": "hybrid",
+    "zero_memory.png": "zero",
 }
 # drawn only from the simulated clock, the tracer's byte counts, the memory
 # ledger or a seeded training run: the same bytes every run
 DETERMINISTIC = ("tp_comm_volume.png", "tp_memory.png", "pp_schedules.png", "pp_bubble.png",
-                 "ep_load.png", "hybrid_loss.png")
+                 "ep_load.png", "hybrid_loss.png", "zero_memory.png")
 
 
 def repository_figures() -> Path | None:

@@ -1,0 +1,80 @@
+"""ZeRO memory and communication per stage: ``python -m simpar zero``.
+
+Builds a small float64 GPT on ``dp`` ∈ {1, 2, 4, 8} threads worlds, runs one
+training step under each ZeRO stage (:class:`~simpar.parallel.zero.DistributedOptimizer`,
+AdamW) and prints, per rank, the parameter + gradient + optimizer bytes of the
+memory ledger beside ZeRO §5's formula (8-byte elements: ``p = g = 8``,
+``K = 16``) and the bytes sent over ``dp`` beside §7's ``2Ψ(N−1)/N`` (stage 3:
+1.5×).  Writes ``zero_memory.png`` (the shape of ZeRO's Table 1, with the
+paper's 7.5B example beside it) into ``--out``.  The numbers come from the
+ledger and the tracer's byte counts only, so the figure is the same every run.
+Each ``dp`` runs in a threads world of its own size, whatever ``--world-size`` and
+``--backend`` say (accepted so that ``python -m simpar figures`` calls every demo
+alike).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .common import demo_parser
+
+DPS = (1, 2, 4, 8)
+
+
+def measure(comm, stage: int) -> dict:
+    from .. import formulas
+    from ..comm.mesh import Mesh, ParallelConfig
+    from ..nn import GPT, GPTConfig
+    from ..parallel.hybrid import build_model
+    from ..parallel.tensor.accounting import ring_bytes
+    from ..parallel.zero import DistributedOptimizer
+    cfg = GPTConfig(vocab_size=16, seq_len=8, n_layer=4, n_head=4, d_model=16)
+    model = build_model(GPT(cfg, seed=0), Mesh(comm, ParallelConfig(dp=comm.size)))
+    opt = DistributedOptimizer(model, stage, lr=1e-2)
+    x = np.random.default_rng(0).integers(0, 16, (8, 8))
+    comm.tracer.reset()
+    model.zero_grad()
+    model.step(x, np.roll(x, -1, 1), 1)
+    opt.clip_grad_norm(1.0)
+    opt.step()
+    led = comm.tracer.memory.current
+    psi = sum(p.size for p in model.parameters().values())
+    sent = sum(ring_bytes(e) for e in comm.tracer.events if e.category == "comm"
+               and e.group == "dp")
+    return {"stage": stage, "dp": comm.size, "psi": psi,
+            "ledger": sum(led.get(k, 0) for k in ("params", "grads", "optimizer")),
+            "formula": formulas.zero_memory_bytes(psi, comm.size, stage, k=16,
+                                                  param_bytes=8, grad_bytes=8),
+            "sent": sent, "dp_sent": 8 * formulas.dp_comm_elements(psi, comm.size)}
+
+
+def main(argv=None) -> list[dict]:
+    import simpar
+    from .. import formulas, viz
+    ap = demo_parser("python -m simpar zero", __doc__)
+    args = ap.parse_args(argv)
+    rows = []
+    print(f"{'stage':>5} {'dp':>3} | {'ledger B/rank':>13} {'formula':>9} | "
+          f"{'sent B/rank':>11} {'/ DP':>5}")
+    for stage in (0, 1, 2, 3):
+        for dp in DPS:
+            r = simpar.launch(lambda c: measure(c, stage), dp)[0]
+            rows.append(r)
+            ratio = r["sent"] / r["dp_sent"] if r["dp_sent"] else float("nan")
+            print(f"{stage:>5} {dp:>3} | {r['ledger']:>13,} {r['formula']:>9,.0f} | "
+                  f"{r['sent']:>11,.0f} {ratio:>5.2f}")
+    psi, n = 7.5e9, 64
+    example = {"psi": psi, "n": n, "paper": {0: 120, 1: 31.4, 2: 16.6, 3: 1.88},
+               "gb": {s: formulas.zero_memory_bytes(psi, n, s) / 1e9 for s in (0, 1, 2, 3)}}
+    print(f"Ψ = {rows[0]['psi']:,} parameters; ZeRO Table 1 (7.5B, N = 64): " +
+          ", ".join(f"{example['gb'][s]:.3g} GB" for s in (0, 1, 2, 3)) +
+          " (paper: 120, 31.4, 16.6, 1.88 GB)")
+    path = viz.save(viz.zero_memory(rows, example), os.path.join(args.out, "zero_memory.png"))
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
