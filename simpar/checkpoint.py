@@ -314,8 +314,9 @@ class _Source:
         count = np.zeros(shape, np.int64)
         for e in entries:
             path = self.dir / e["file"]
+            archive = self._file(e["file"])            # ValueError naming the file
             try:
-                data = np.asarray(self._file(e["file"])[e["key"]])
+                data = np.asarray(archive[e["key"]])
             except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
                 raise ValueError(f"checkpoint shard {path}: cannot read {kind} of {tensor!r} "
                                  f"(truncated or corrupted): {err}") from None
