@@ -15,6 +15,8 @@ COMMANDS = {
     "pipeline": ("simpar.demos.pipeline_parallel", "pipeline schedules, bubbles, equivalence"),
     "expert": ("simpar.demos.expert_parallel", "Mixture-of-Experts routing and all-to-all"),
     "zero": ("simpar.demos.zero", "ZeRO stages 0-3: memory per rank and bytes per step"),
+    "context": ("simpar.demos.context_parallel", "context parallelism: ring attention overlap "
+                "and balance, ring vs Ulysses"),
     "figures": ("simpar.demos.figures", "regenerate the committed figures/ (demos write ./out)"),
     "train": ("simpar.train", "train a GPT on the shipped corpus on any dp x tp x pp (x ep) layout"),
 }

@@ -449,3 +449,71 @@ def zero_memory(rows: list[dict], example: dict | None = None):
                      "mixed-precision Adam", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# ======================================================== context parallelism
+def cp_ring_overlap(balanced: list[Event], naive: list[Event], tiles: dict, info: str = ""):
+    """Ring attention on the simulated clock: the load-balanced ring (top) with its
+    K/V transfers hidden behind block compute, the naive contiguous split (middle)
+    where the ranks holding early tokens idle, and the causal tiles per rank of
+    both (bottom, from the tracer's FLOPs; rings: the closed form)."""
+    fig = plt.figure(figsize=(10, 7.8))
+    grid = fig.add_gridspec(3, 1, height_ratios=[1.0, 1.0, 0.8])
+    for row, (events, name) in enumerate(((balanced, "load-balanced (chunks i, 2cp−1−i)"),
+                                          (naive, "naive contiguous split"))):
+        ax = fig.add_subplot(grid[row])
+        draw_timeline(ax, events, "sim", f"ring attention, forward + backward: {name}")
+    ax = fig.add_subplot(grid[2])
+    ranks = sorted(tiles["naive"])
+    w = 0.38
+    for k, (key, color) in enumerate((("naive", "#C44E52"), ("balanced", "#4C72B0"))):
+        xs = [r + (k - 0.5) * w for r in ranks]
+        ax.bar(xs, [tiles[key][r] for r in ranks], w, color=color, label=key)
+        ax.plot(xs, [tiles[key + "_formula"][r] for r in ranks], "o", mfc="none", ms=10,
+                color="black")
+    ax.set_xticks(ranks, [f"rank {r}" for r in ranks])
+    ax.set_ylabel("causal tiles computed")
+    ax.set_title("work per rank (bars: tracer FLOPs / tile; rings: formulas.ring_attention_tiles)",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    _category_legend(fig)
+    if info:
+        fig.text(0.01, 0.005, info, fontsize=7.5, va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    return fig
+
+
+def cp_ring_vs_ulysses(rows: list[dict], title: str = ""):
+    """Simulated attention time (forward + backward, one layer) of ring attention
+    and Ulysses against sequence length (left: absolute, per cp; right: the ratio
+    Ulysses / ring — above 1 the ring wins).  ``rows``: ``{"cp", "s", "ring",
+    "ulysses", "compute", "link"}`` from :mod:`simpar.formulas`."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    cps = sorted({r["cp"] for r in rows})
+    cmap = plt.get_cmap("viridis")
+    for i, cp in enumerate(cps):
+        rs = sorted((r for r in rows if r["cp"] == cp), key=lambda r: r["s"])
+        c = cmap(i / max(1, len(cps) - 1))
+        s = [r["s"] for r in rs]
+        a1.plot(s, [r["ring"] * 1e3 for r in rs], "-o", ms=3, color=c, label=f"ring, cp={cp}")
+        a1.plot(s, [r["ulysses"] * 1e3 for r in rs], "--s", ms=3, color=c,
+                label=f"Ulysses, cp={cp}")
+        link = rs[0]["link"].split(" (")[0]
+        a2.plot(s, [r["ulysses"] / r["ring"] for r in rs], "-o", ms=3, color=c,
+                label=f"cp={cp} ({link})")
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length s")
+    a1.set_yscale("log")
+    a1.set_ylabel("simulated time per layer (ms)")
+    a1.set_title("attention core, forward + backward", fontsize=9)
+    a1.legend(fontsize=6.5, ncol=2)
+    a2.axhline(1.0, color="black", lw=0.8)
+    a2.set_yscale("log", base=2)
+    a2.set_ylabel("Ulysses time / ring time")
+    a2.set_title("> 1: ring wins (transfers hidden); < 1: Ulysses wins", fontsize=9)
+    a2.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

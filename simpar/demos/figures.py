@@ -32,11 +32,14 @@ FIGURES = {
     "ep_load.png": "expert_parallel",
     "hybrid_loss.png": "hybrid",
     "zero_memory.png": "zero",
+    "cp_ring_overlap.png": "context_parallel",
+    "cp_ring_vs_ulysses.png": "context_parallel",
 }
 # drawn only from the simulated clock, the tracer's byte counts, the memory
 # ledger or a seeded training run: the same bytes every run
 DETERMINISTIC = ("tp_comm_volume.png", "tp_memory.png", "pp_schedules.png", "pp_bubble.png",
-                 "ep_load.png", "hybrid_loss.png", "zero_memory.png")
+                 "ep_load.png", "hybrid_loss.png", "zero_memory.png",
+                 "cp_ring_overlap.png", "cp_ring_vs_ulysses.png")
 
 
 def repository_figures() -> Path | None:

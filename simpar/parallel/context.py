@@ -67,7 +67,7 @@ from .tensor.layers import TensorParallelModule
 
 __all__ = ["SCHEMES", "check_context", "chunk_positions", "shard_sequence", "gather_sequence",
            "ring_attention_forward", "ring_attention_backward", "seq_to_heads", "heads_to_seq",
-           "ulysses_attention_forward", "ulysses_attention_backward",
+           "ulysses_attention_forward", "ulysses_attention_backward", "ring_overlap",
            "ContextParallelAttention", "use_context_parallel"]
 
 SCHEMES = ("ring", "ulysses")
@@ -248,6 +248,22 @@ def ulysses_attention_backward(dy, cache, cp: Comm):
     with trace.compute(f"{name}.ulysses.backward", flops=2 * flops):
         grads = blockwise_attention_backward(dyg, inner)
     return tuple(heads_to_seq(g, cp) for g in grads)
+
+
+def ring_overlap(events, link) -> dict:
+    """How much of the ring's communication the block compute hid, from one rank's
+    events on the simulated clock: ``transfer`` = Σ ``α + n·β`` of the messages
+    received (over ``link``), ``exposed`` = the part the receiver waited for
+    (its ``recv`` events), ``hidden = 1 − exposed / transfer``; ``imbalance`` =
+    idle time waiting for a peer that had not sent yet (a late sender)."""
+    from ..formulas import p2p_time
+    recvs = [e for e in events if e.category == "comm" and e.name == "recv"]
+    transfer = sum(p2p_time(e.nbytes, link) for e in recvs)
+    exposed = sum(e.sim_end - e.sim_start for e in recvs)
+    idle = sum(e.sim_end - e.sim_start for e in events
+               if e.category == "idle" and e.name == "wait recv")
+    return {"messages": len(recvs), "transfer": transfer, "exposed": exposed,
+            "hidden": 1.0 - exposed / transfer if transfer else 1.0, "imbalance": idle}
 
 
 # ---------------------------------------------------------------- the layer

@@ -213,3 +213,6 @@ def test_ring_hides_its_communication_when_blocks_are_long():
         assert compute > 0
         # all but the last dK/dV hop home is hidden
         assert exposed == pytest.approx(sim.p2p_time(8 * 2 * b * (s // 4) * h, cluster.intra))
+        ov = C.ring_overlap(fwd + bwd, cluster.intra)
+        assert ov["messages"] == 10 and ov["imbalance"] == 0.0
+        assert ov["hidden"] == pytest.approx(0.9)           # 9 of 10 equal messages
