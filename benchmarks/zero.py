@@ -98,6 +98,9 @@ def main(argv=None) -> None:
     import simpar
     from simpar import formulas
     MB = 1 << 20
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"1-minute load average {load:.1f} on {os.cpu_count()} cores (wall times are only "
+          f"comparable when it is low; memory and bytes do not depend on it)")
     print(f"ZeRO stages side by side (threads backend, float32 GPT h={args.d_model}, "
           f"{args.n_layer} layers, global batch {args.batch} x {args.seq}; "
           f"memory and bytes per rank)")
