@@ -1,6 +1,7 @@
 """Where the demos write, what they say before they run, and the one command that
 regenerates the committed figures."""
 import os
+import re
 import subprocess
 import sys
 
@@ -31,10 +32,11 @@ def test_demos_with_default_options_leave_the_tree_clean():
     if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
         pytest.skip("not a git checkout")
     before = _status()
-    for args in (["demo"], ["tensor"], ["pipeline", "--no-sweep"], ["expert", "--steps", "2"]):
+    for args in (["demo"], ["tensor"], ["pipeline", "--no-sweep"], ["expert", "--steps", "2"],
+                 ["train", "--steps", "3"]):
         res = _simpar(*args)
         assert res.returncode == 0, res.stdout + res.stderr
-        assert f"{common.DEFAULT_OUT}{os.sep}" in res.stdout          # says where it wrote
+        assert re.search(rf"\b{common.DEFAULT_OUT}(/|\b)", res.stdout), res.stdout  # says where
     assert _status() == before
     assert (ROOT / common.DEFAULT_OUT / "demo_timeline.png").exists()
 
