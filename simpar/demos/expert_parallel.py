@@ -9,10 +9,10 @@
 2. counts its communication from the tracer: two all-to-alls forward, two
    backward, and the bytes routing sent;
 3. draws one forward/backward of a larger layer as a timeline on both clocks
-   (``figures/ep_dispatch_timeline.png``);
+   (``out/ep_dispatch_timeline.png``);
 4. trains a small MoE GPT, experts split over the devices, on the shipped
    corpus twice — without and with the Switch load-balancing loss — and plots
-   the tokens each expert receives per step (``figures/ep_load.png``), with the
+   the tokens each expert receives per step (``out/ep_load.png``), with the
    max/mean load ratio of both runs.
 """
 from __future__ import annotations

@@ -9,11 +9,11 @@
    the max relative error of logits, loss and every gradient against the
    single-device reference;
 2. draws that step as a timeline on the wall clock and the simulated clock
-   (``figures/tp_timeline.png``);
+   (``out/tp_timeline.png``);
 3. for every tp size that divides the world, counts the bytes of one layer's
    messages from the tracer and its saved activations from the memory ledger,
-   and plots them against the formulas (``figures/tp_comm_volume.png``,
-   ``figures/tp_memory.png``).
+   and plots them against the formulas (``out/tp_comm_volume.png``,
+   ``out/tp_memory.png``).
 """
 from __future__ import annotations
 
