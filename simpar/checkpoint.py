@@ -437,6 +437,8 @@ def load(path, model, optimizer=None) -> dict:
     layout) and ``optimizer`` (any ZeRO stage; ``None``: parameters only).
     Returns the trainer state saved with it.  Collective over the world."""
     world = model.mesh.world
+    world.agree("checkpoint load (path, ZeRO stage or none)",
+                (str(path), None if optimizer is None else optimizer.stage))
     index = None
 
     def read():
