@@ -248,17 +248,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _param_pieces(model):
-    """Parameters only, each element once (stage-0 ownership)."""
-    from .parallel.zero import DistributedOptimizer
-    probe = DistributedOptimizer.__new__(DistributedOptimizer)
-    probe.model, probe.mesh, probe.stage = model, model.mesh, 0
-    probe.experts = model._expert_names()
-    probe.sharded = set().union(*(st.tp_sharded() for st in model.stages.values()))
-    probe.first_holds_wte = 0 in model.stages
-    c = model.mesh.coords
+    """Parameters only, each element once (dp / edp rank 0, :func:`counted_once`)."""
+    from .parallel.zero import counted_once
+    experts, c = model._expert_names(), model.mesh.coords
     for name, p in model.parameters().items():
-        owner = (model.mesh.edp.rank if name in probe.experts else c.dp) == 0
-        if owner and probe._counted(name):
+        owner = (model.mesh.edp.rank if name in experts else c.dp) == 0
+        if owner and counted_once(model, name):
             yield name, 0, p.size, {"param": p.reshape(-1)}
 
 

@@ -95,6 +95,20 @@ def check_zero(stage, mesh_config, *, moe: bool = False, sequence_parallel: bool
     return stage
 
 
+def counted_once(model, name: str) -> bool:
+    """Whether this rank counts (and saves) its elements of ``name`` once for the
+    whole model, among the ranks that replicate it other than over dp/edp:
+    tp-replicated tensors on tp rank 0, routers on ep rank 0, a tied ``wte`` on
+    the first stage.  (Over dp/edp: the ZeRO owner, or rank 0 without ZeRO.)"""
+    c = model.mesh.coords
+    if name == "wte" and 0 not in model.stages:
+        return False
+    experts = model._expert_names()
+    if name in experts and name.endswith("router.W") and c.ep != 0:
+        return False
+    return c.tp == 0 or name in set().union(*(st.tp_sharded() for st in model.stages.values()))
+
+
 class _Group:
     """The flat layout of the parameters one communicator replicates (module docstring).
 
@@ -241,8 +255,7 @@ class DistributedOptimizer:
                          (self.stage, optimizer, tuple(sorted(probe.hyperparameters().items()))))
         params, grads = model.parameters(), model.gradients()
         self.experts = model._expert_names()
-        self.sharded = set().union(*(st.tp_sharded() for st in model.stages.values()))
-        self.first_holds_wte = 0 in model.stages
+        self._counted_cache: dict[str, bool] = {}
         units = self._units() if self.stage == 3 else None
         order = [n for u in units.values() for n in u] if units else self._backward_order()
         dense = [n for n in order if n not in self.experts]
@@ -446,15 +459,10 @@ class DistributedOptimizer:
                     trace.free("grads", g.seg_bytes(i))
 
     def _counted(self, name: str) -> bool:
-        """Whether this rank counts (and saves) its elements of ``name`` once for the
-        whole model: tp-replicated tensors on tp rank 0, routers on ep rank 0, a tied
-        ``wte`` on the first stage (ZeRO ownership replaces dp rank 0)."""
-        c = self.mesh.coords
-        if name == "wte" and not self.first_holds_wte:
-            return False
-        if name in self.experts and name.endswith("router.W") and c.ep != 0:
-            return False
-        return name in self.sharded or c.tp == 0
+        """:func:`counted_once`, cached (ZeRO ownership replaces dp rank 0)."""
+        if name not in self._counted_cache:
+            self._counted_cache[name] = counted_once(self.model, name)
+        return self._counted_cache[name]
 
     def grad_norm(self) -> float:
         """Global L2 norm of the gradient from the shards: every element once; one
