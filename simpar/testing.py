@@ -29,7 +29,8 @@ __all__ = ["TOL", "rel_error", "compare", "worst", "passed", "verdict", "assert_
            "assert_all_close", "worst_over_ranks"]
 
 
-def rel_error(got, want, *, symmetric: bool = False, tiny: float = 0.0) -> float:
+def rel_error(got, want, *, symmetric: bool = False, tiny: float = 0.0,
+              scale: float | None = None) -> float:
     """``max|got − want| / max|want|``: a scale-aware relative error.
 
     * any NaN or infinity in ``got`` or ``want`` gives ``inf`` (a failure for
@@ -37,6 +38,8 @@ def rel_error(got, want, *, symmetric: bool = False, tiny: float = 0.0) -> float
     * different shapes raise ``AssertionError`` (broadcasting would hide a bug);
     * ``symmetric=True`` divides by ``max(max|got|, max|want|)`` instead (for
       finite differences, where neither side is the truth);
+    * ``scale`` divides by a given number instead (e.g. the size of a sum whose
+      terms cancel);
     * when the scale is ``<= tiny`` (default 0: both sides all zeros) the
       absolute difference is returned.
     """
@@ -46,9 +49,10 @@ def rel_error(got, want, *, symmetric: bool = False, tiny: float = 0.0) -> float
         raise AssertionError(f"shape {g.shape} != reference shape {w.shape}")
     if not (np.isfinite(g).all() and np.isfinite(w).all()):
         return float("inf")
-    scale = float(np.max(np.abs(w), initial=0.0))
-    if symmetric:
-        scale = max(scale, float(np.max(np.abs(g), initial=0.0)))
+    if scale is None:
+        scale = float(np.max(np.abs(w), initial=0.0))
+        if symmetric:
+            scale = max(scale, float(np.max(np.abs(g), initial=0.0)))
     diff = float(np.max(np.abs(g - w), initial=0.0))
     return diff / scale if scale > tiny else diff
 

@@ -110,3 +110,8 @@ def test_expert_demo_verdict_under_mpi_sees_nan_on_three_of_four_ranks(tmp_path)
     lines = [ln for ln in res.stdout.splitlines() if ln.lstrip().startswith("k=")]
     assert len(lines) == 3 and all("output inf" in ln and "(TOO LARGE)" in ln for ln in lines), \
         res.stdout
+
+
+def test_explicit_scale():
+    assert testing.rel_error(np.array([1.0, 2.0]), np.array([1.0, 2.5]), scale=10.0) == 0.05
+    assert testing.rel_error(np.array([np.nan]), np.array([1.0]), scale=10.0) == math.inf

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from simpar import testing
 from simpar.nn import functional as F
 from simpar.nn import kernels as K
 
@@ -24,9 +25,7 @@ def assert_same(fast, plain, what: str, tol: float = TOL, scale: float | None = 
     same shape and dtype."""
     fast, plain = np.asarray(fast), np.asarray(plain)
     assert fast.shape == plain.shape and fast.dtype == plain.dtype, what
-    if scale is None:
-        scale = max(float(np.max(np.abs(plain), initial=0.0)), 1e-300)
-    err = float(np.max(np.abs(fast - plain), initial=0.0)) / scale
+    err = testing.rel_error(fast, plain, scale=scale)          # NaN or inf: inf
     assert err <= tol, f"{what}: fast vs plain relative error {err:.3g} > {tol:g}"
 
 
