@@ -46,6 +46,10 @@ CASES = [
     ZeroCase("zero1 moe ep2 in dp4", 1, Layout("moe ep2 in dp4", P(dp=4, ep=2), moe=True)),
     ZeroCase("zero2 tied tp2+SPxpp2xdp2", 2, Layout("x", P(dp=2, tp=2, pp=2),
                                                     {"sequence_parallel": True}, tied=True)),
+    ZeroCase("zero1 interleaved vpp2 pp2xdp2", 1, Layout("x", P(dp=2, pp=2, vpp=2),
+                                                        {"schedule": "interleaved"})),
+    ZeroCase("zero1 zb-h1 pp2xdp2", 1, Layout("x", P(dp=2, pp=2), {"schedule": "zb-h1"}, m=4)),
+    ZeroCase("zero2 moe pp2xep2, m=4", 2, Layout("x", P(dp=2, pp=2, ep=2), moe=True, m=4)),
     ZeroCase("zero1 sgd momentum dp2", 1, Layout("dp2", P(dp=2)), "sgd",
              dict(lr=0.05, momentum=0.9, weight_decay=0.01)),
 ]
