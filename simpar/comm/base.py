@@ -30,13 +30,20 @@ import os
 import time
 from typing import Any, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from .. import sim
 from ..trace import Tracer
 
-#: dtypes a message may carry (MPI maps each to a builtin datatype)
-DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.int32))
+#: 16-bit floating-point messages (mixed precision): bfloat16 (``ml_dtypes``) and
+#: float16.  They move as 2-byte elements (MPI: as uint16, the same bytes); sums
+#: and max/min are computed in float32 and rounded once to 16 bits, so both
+#: backends give the same bits and the simulated clock counts 2 bytes an element.
+HALF_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+#: dtypes a message may carry (MPI maps each to a builtin datatype; 16-bit: uint16)
+DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.int64),
+          np.dtype(np.int32)) + HALF_DTYPES
 REDUCE_OPS = ("sum", "max", "min")
 MAX_TAG = 32767                 # MPI guarantees tags up to at least 2**15 - 1
 
@@ -229,12 +236,17 @@ class Comm:
                              f"{x.shape}, got {getattr(out, 'dtype', type(out))} "
                              f"{getattr(out, 'shape', '')}")
         # max/min: one pass (np.max propagates NaN); sums propagate NaN by themselves
-        flag = float(op != "sum" and x.dtype.kind == "f" and x.size > 0
-                     and bool(np.isnan(x.max())))
+        flag = float(op != "sum" and (x.dtype.kind == "f" or x.dtype in HALF_DTYPES)
+                     and x.size > 0 and bool(np.isnan(x.max())))
         return x, out, flag
 
     def _reduce(self, x: np.ndarray, op: str, out: np.ndarray, nan: bool) -> np.ndarray:
         """The data of an all-reduce; ``nan``: some member's input holds a NaN."""
+        if x.dtype in HALF_DTYPES:                     # in float32, rounded once
+            wide = x.astype(np.float32)
+            self._reduce(wide, op, wide, nan)
+            np.copyto(out, wide, casting="unsafe")
+            return out
         if not nan:
             return self._raw_all_reduce(x, op, out)
         mask = np.isnan(x).astype(np.int32)            # before out (maybe x) is written
@@ -266,7 +278,10 @@ class Comm:
         def run(_):
             # bring the scattered axis to the front so each rank's block is contiguous
             blocks = np.ascontiguousarray(np.moveaxis(x, axis, 0)) if axis else x
-            part = self._raw_reduce_scatter(blocks)
+            if x.dtype in HALF_DTYPES:                 # in float32, rounded once
+                part = self._raw_reduce_scatter(blocks.astype(np.float32)).astype(x.dtype)
+            else:
+                part = self._raw_reduce_scatter(blocks)
             return np.ascontiguousarray(np.moveaxis(part, 0, axis)) if axis else part
         return self._collective("reduce_scatter", x.nbytes, run,
                                 ("reduce_scatter", axis, x.dtype, x.shape))

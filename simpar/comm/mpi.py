@@ -43,7 +43,7 @@ import math
 import traceback
 
 from .. import trace
-from .base import Comm, watchdog_seconds
+from .base import HALF_DTYPES, Comm, watchdog_seconds
 
 _SPIN_SECONDS = 2e-3
 _NAP_SECONDS = 2e-4
@@ -158,7 +158,7 @@ class MPIComm(Comm):
 
     def _raw_all_gather(self, x):
         out = np.empty((self.size,) + x.shape, x.dtype)
-        self._c.Allgather(x, out)
+        self._c.Allgather(_bytes16(x), _bytes16(out))
         return out
 
     def _raw_reduce_scatter(self, x):
@@ -168,7 +168,7 @@ class MPIComm(Comm):
 
     def _raw_broadcast(self, x, root):
         buf = x.copy() if self.rank == root else np.empty_like(x)
-        self._c.Bcast(buf, root=root)
+        self._c.Bcast(_bytes16(buf), root=root)
         return buf
 
     def _raw_barrier(self):
@@ -188,18 +188,18 @@ class MPIComm(Comm):
         sc, rc = send_counts * row, recv_counts * row
         sd = np.concatenate([[0], np.cumsum(sc)[:-1]])
         rd = np.concatenate([[0], np.cumsum(rc)[:-1]])
-        send = [x, (sc.astype(np.int32), sd.astype(np.int32))]
-        recv = [out, (rc.astype(np.int32), rd.astype(np.int32))]
+        send = [_bytes16(x), (sc.astype(np.int32), sd.astype(np.int32))]
+        recv = [_bytes16(out), (rc.astype(np.int32), rd.astype(np.int32))]
         self._c.Alltoallv(send, recv)
         return out
 
     # ------------------------------------------------------- point-to-point
     def _raw_isend(self, x, dst, tag, meta):
-        return ((self._meta if meta else self._c).Isend(x, dest=dst, tag=tag), x,
+        return ((self._meta if meta else self._c).Isend(_bytes16(x), dest=dst, tag=tag), x,
                 lambda: f"send to {self._peer(dst)} tag {tag}{self._on()}")
 
     def _raw_irecv(self, buf, src, tag, meta):
-        return ((self._meta if meta else self._c).Irecv(buf, source=src, tag=tag), buf,
+        return ((self._meta if meta else self._c).Irecv(_bytes16(buf), source=src, tag=tag), buf,
                 lambda: f"recv from {self._peer(src)} tag {tag}{self._on()}")
 
     def _raw_wait(self, handle):
@@ -213,6 +213,13 @@ class MPIComm(Comm):
 
     def _raw_gather_objects(self, obj):
         return self._c.allgather(obj)          # pickle-ok: cold path (results, error reports)
+
+
+def _bytes16(x: np.ndarray) -> np.ndarray:
+    """A 16-bit float array as the uint16 view MPI can move (mpi4py has no
+    bfloat16 datatype); other arrays as they are.  (Reductions never see 16-bit
+    arrays: the base class sums them in float32.)"""
+    return x.view(np.uint16) if x.dtype in HALF_DTYPES else x
 
 
 # ---------------------------------------------------------------- the job
