@@ -309,9 +309,12 @@ class ContextParallelAttention(TensorParallelModule):
     def from_reference(cls, attn, cp: Comm, scheme: str = "ring", balanced: bool | None = None,
                        block: int = DEFAULT_BLOCK) -> "ContextParallelAttention":
         """From a reference :class:`~simpar.nn.CausalSelfAttention` (copies of its
-        ``qkv`` and ``proj``; the reference is left untouched)."""
-        return cls(copy.deepcopy(attn.qkv), copy.deepcopy(attn.proj), attn.h, attn.n_head, cp,
-                   scheme, balanced=balanced, block=block)
+        ``qkv`` and ``proj`` with zero gradients; the reference is left untouched)."""
+        qkv, proj = copy.deepcopy(attn.qkv), copy.deepcopy(attn.proj)
+        for m in (qkv, proj):
+            m.zero_grad()
+            m._saved.clear()          # a copy: its records were never on this ledger
+        return cls(qkv, proj, attn.h, attn.n_head, cp, scheme, balanced=balanced, block=block)
 
     @classmethod
     def from_parallel(cls, attn, cp: Comm, scheme: str = "ring", balanced: bool | None = None,
