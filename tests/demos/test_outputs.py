@@ -14,7 +14,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
        "PYTHONPATH": str(ROOT)}
 
 
-def _simpar(*args, timeout=120, cwd=ROOT):
+def _simpar(*args, timeout=240, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "simpar", *args], cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -27,7 +27,7 @@ def _status() -> set:
     return {ln for ln in out.splitlines() if not ln.endswith((".py", ".md", ".ipynb", ".cfg"))}
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(900)
 def test_demos_with_default_options_leave_the_tree_clean():
     if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
         pytest.skip("not a git checkout")
@@ -41,7 +41,7 @@ def test_demos_with_default_options_leave_the_tree_clean():
     assert (ROOT / common.DEFAULT_OUT / "demo_timeline.png").exists()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_simulated_clock_figures_are_byte_identical_run_to_run(tmp_path):
     names = ["tp_comm_volume.png", "tp_memory.png", "pp_schedules.png", "pp_bubble.png"]
     assert set(names) <= set(figures.DETERMINISTIC)
