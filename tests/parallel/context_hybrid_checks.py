@@ -27,7 +27,14 @@ CP_LAYOUTS = [
     Layout("cp2xpp2 ulysses tied", P(cp=2, pp=2), U, tied=True),
     Layout("cp2xdp2xtp2 ring", P(cp=2, dp=2, tp=2), R),
 ]
-CP_BY_NAME = {lay.name: lay for lay in CP_LAYOUTS}
+# composed with the other options too (threads only, to keep the MPI runs short)
+CP_MORE = [
+    Layout("cp2 ring, full recompute", P(cp=2), {**R, "recompute": "full"}),
+    Layout("cp2xpp2 ring, zb-h1", P(cp=2, pp=2), {**R, "schedule": "zb-h1"}, m=4),
+    Layout("cp2xpp2 ulysses, interleaved vpp2", P(cp=2, pp=2, vpp=2),
+           {**U, "schedule": "interleaved"}),
+]
+CP_BY_NAME = {lay.name: lay for lay in CP_LAYOUTS + CP_MORE}
 
 # name: (config, options, model overrides, the words every rank's error must hold)
 BAD = {
@@ -38,13 +45,19 @@ BAD = {
     "unknown scheme": (P(cp=2), {"context_parallel": "zigzag"}, {}, "'zigzag'"),
     "moe with cp": (P(cp=2), R, {"moe": True}, "MoE layers with context parallelism"),
     "ranks disagree on scheme": (P(cp=2), None, {}, "'ring'"),
+    "ranks disagree on cp": (P(cp=2), R, {}, "cp=2"),
 }
 
 
 def bad_case(comm, name: str) -> str:
     cfg, opts, model, _ = BAD[name]
-    mesh = Mesh(comm, cfg)
+    if name == "ranks disagree on cp":        # rank 1 thinks the 2 ranks are dp, not cp
+        cfg = cfg if comm.rank == 0 else P(dp=2)
     n0 = len(comm.tracer.events)
+    try:
+        mesh = Mesh(comm, cfg)
+    except ValueError as e:
+        return f"{e} [events {len(comm.tracer.events) - n0}]"
     if opts is None:                        # rank-dependent scheme
         opts = {"context_parallel": ("ring", "ulysses")[comm.rank % 2]}
     if model.get("moe"):

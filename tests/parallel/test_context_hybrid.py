@@ -14,13 +14,17 @@ import pytest
 import simpar
 from simpar.testing import TOL, worst
 from tests.mpi_util import run_mpi
-from tests.parallel.context_hybrid_checks import BAD, CP_BY_NAME, CP_LAYOUTS, bad_case
+from tests.parallel.context_hybrid_checks import (BAD, CP_BY_NAME, CP_LAYOUTS, CP_MORE,
+                                                  bad_case)
 from tests.parallel.hybrid_checks import errors, reference_run, train_layout
 
 SCRIPT = "tests/parallel/scripts/context_hybrid_mpi.py"
 
 
-@pytest.mark.parametrize("lay", CP_LAYOUTS, ids=[lay.name for lay in CP_LAYOUTS])
+ALL = CP_LAYOUTS + CP_MORE
+
+
+@pytest.mark.parametrize("lay", ALL, ids=[lay.name for lay in ALL])
 def test_cp_layout_equals_reference_threads(lay):
     got = simpar.launch(lambda c: train_layout(c, lay), lay.world_size, timeout=180)
     for r in range(1, lay.world_size):
@@ -75,6 +79,9 @@ def test_bad_cp_layouts_fail_on_every_rank_before_any_message(name):
     assert all(match in m and "[events 0]" in m for m in msgs), msgs
     if name == "ranks disagree on scheme":
         assert all("'ulysses'" in m and "rank 0" in m and "rank 1" in m for m in msgs), msgs
+    if name == "ranks disagree on cp":
+        assert all("rank 0: ParallelConfig(dp=1" in m and "cp=2)" in m and
+                   "rank 1: ParallelConfig(dp=2" in m for m in msgs), msgs
 
 
 def test_bad_cp_layouts_fail_under_mpi():
