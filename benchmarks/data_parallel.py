@@ -17,8 +17,8 @@
    warm-up (the machine may be shared: the fastest step is the least disturbed),
    a step lasting until the slowest rank ends it.  Target on 2 cores: ≥ 1.8.
    Beside dp = 1 alone (``mpiexec -n 1``, the other core idle) the ``-n 2`` job also
-   runs dp = 1 on both ranks at once, each alone (the faster copy counts): that
-   baseline sees the same contention for memory bandwidth and for the cores (other
+   runs dp = 1 on both ranks at once, each alone (the faster copy counts), its steps
+   interleaved with the dp = 2 steps: that baseline sees the same contention for memory bandwidth and for the cores (other
    tenants) as dp = 2, so the ratio against it isolates what data parallelism
    itself costs.  The 1-minute load average at the start is printed: on a shared
    machine, rerun when it is low.
@@ -73,33 +73,56 @@ def global_batch(cfg, rows: int, seed: int = 0):
     return x, np.roll(x, -1, axis=1)
 
 
-def throughput(comm, args) -> dict:
-    """Best-of-reps step time of dp = comm.size (the slowest rank ends a step)."""
-    from simpar.optim import AdamW
-    cfg = model_config(args)
-    model = make_model(comm, cfg)
-    opt = AdamW(model.parameters(), lr=1e-3)
-    x, y = global_batch(cfg, args.batch * comm.size)
-    times, comm_share = [], []
-    for rep in range(args.reps + 1):                   # rep 0 warms up
+class Trainer:
+    """dp = ``comm.size`` training steps of the benchmark model on ``comm``."""
+
+    def __init__(self, comm, args) -> None:
+        from simpar.optim import AdamW
+        cfg = model_config(args)
+        self.comm, self.model = comm, make_model(comm, cfg)
+        self.opt = AdamW(self.model.parameters(), lr=1e-3)
+        self.x, self.y = global_batch(cfg, args.batch * comm.size)
+        self.times, self.comm_share = [], []
+
+    def step(self, timed: bool = True) -> None:
+        """One step; its time is the slowest rank's (a step ends when all ranks are done)."""
+        comm, model = self.comm, self.model
         comm.barrier()
         comm.tracer.reset()
         t0 = time.perf_counter()
         model.zero_grad()
-        model.step(x, y, 1)
+        model.step(self.x, self.y, 1)
         model.clip_grad_norm(1.0)
-        opt.step(model.gradients())
+        self.opt.step(model.gradients())
         wall = float(comm.all_reduce(np.array([time.perf_counter() - t0]), op="max")[0])
-        dp = [e for e in comm.tracer.events if e.group == "dp"]
-        if rep:
-            times.append(wall)
-            comm_share.append(sum(e.wall_end - e.wall_start for e in dp) / wall)
-    best = int(np.argmin(times))
-    params = sum(g.size for g in model.gradients().values())
-    return {"ranks": comm.size, "seconds": times[best], "all": times,
-            "tokens": x.size, "tokens_per_s": x.size / times[best],
-            "comm_share": comm_share[best], "params": params,
-            "buckets": [b.n_buckets for b in model.buckets]}
+        if timed:
+            dp = [e for e in comm.tracer.events if e.group == "dp"]
+            self.times.append(wall)
+            self.comm_share.append(sum(e.wall_end - e.wall_start for e in dp) / wall)
+
+    def result(self) -> dict:
+        best = int(np.argmin(self.times))
+        params = sum(g.size for g in self.model.gradients().values())
+        return {"ranks": self.comm.size, "seconds": self.times[best], "all": self.times,
+                "tokens": self.x.size, "tokens_per_s": self.x.size / self.times[best],
+                "comm_share": self.comm_share[best], "params": params,
+                "buckets": [b.n_buckets for b in self.model.buckets]}
+
+
+def throughputs(comm, args) -> dict:
+    """Best-of-reps dp = comm.size steps; with 2 ranks or more, interleaved step by step
+    with dp = 1 on every rank at once (each alone: the same machine load for both)."""
+    runs = {"dp": Trainer(comm, args)}
+    if comm.size > 1:
+        runs["busy"] = Trainer(comm.split(comm.rank, 0, name="solo"), args)
+    for rep in range(args.reps + 1):                   # rep 0 warms up
+        for run in (runs.values() if rep % 2 else reversed(runs.values())):
+            run.step(timed=rep > 0)
+            comm.barrier()
+    out = {k: r.result() for k, r in runs.items()}
+    if "busy" in out:
+        out["busy"] = max(comm.gather_objects(out["busy"]), key=lambda d: d["tokens_per_s"])
+    return out                                         # busy: the faster single-rank copy
 
 
 def overlap_table(comm, args) -> list[dict]:
@@ -136,11 +159,8 @@ def worker(args) -> None:
     from simpar.comm import mpi
     mpi.abort_on_exception()                           # one failing rank ends the job
     comm = mpi.world(cluster=sim.preset("a100"))
-    out = {"throughput": throughput(comm, args)}
-    if comm.size > 1:                      # dp = 1 on every rank at once: both cores busy
-        solo = comm.split(comm.rank, 0, name="solo")
-        copies = comm.gather_objects(throughput(solo, args))
-        out["solo_busy"] = max(copies, key=lambda d: d["tokens_per_s"])   # the faster copy
+    runs = throughputs(comm, args)
+    out = {"throughput": runs["dp"], "solo_busy": runs.get("busy")}
     if args.overlap and comm.size > 1:
         out["overlap"] = overlap_table(comm, args)
     if comm.rank == 0:
