@@ -240,3 +240,37 @@ def test_moe_experts_reshard_over_ep(tmp_path):
             lambda c: run(c, layout, zero, resume=str(tmp_path / "step-00000002"), **kw), 4)[0]
         assert rel_error(got, full[2:]) <= TOL
         assert worst(compare(got_params, params)) <= TOL
+
+
+def _sgd_run(comm, layout, stage, root, save_at=None, load=False, steps=4):
+    from tests.parallel.hybrid_checks import Layout, batches, make_reference
+    lay = Layout("s", layout)
+    X, Y = batches(lay)
+    model = build_model(make_reference(lay, layout.dp * lay.m), Mesh(comm, layout))
+    opt = DistributedOptimizer(model, stage, "sgd", lr=0.05, momentum=0.9, weight_decay=0.01)
+    start = ck.load(root, model, opt)["step"] if load else 0
+    losses = []
+    for t in range(start, steps):
+        if t == save_at:
+            ck.save(root, model, opt, {"step": t}, step=t)
+        model.zero_grad()
+        losses.append(model.step(X[t], Y[t], lay.m)["loss"])
+        opt.clip_grad_norm(0.5)
+        opt.step()
+    return np.array(losses)
+
+
+def test_sgd_momentum_reshards_and_the_optimizer_kind_is_checked(tmp_path):
+    full = simpar.launch(lambda c: _sgd_run(c, P(dp=2, tp=2), 2, tmp_path, save_at=2), 4)[0]
+    got = simpar.launch(lambda c: _sgd_run(c, P(dp=4), 3, tmp_path, load=True), 4)[0]
+    assert rel_error(got, full[2:]) <= TOL
+
+    def wrong_kind(comm):
+        from tests.parallel.hybrid_checks import Layout, make_reference
+        model = build_model(make_reference(Layout("s", P(dp=2))), Mesh(comm, P(dp=2)))
+        try:
+            ck.load(tmp_path, model, DistributedOptimizer(model, 1, "adamw", lr=1e-2))
+        except ValueError as e:
+            return str(e)
+    msgs = simpar.launch(wrong_kind, 2)
+    assert all("checkpoint optimizer is 'sgd', the run's is 'adamw'" in m for m in msgs), msgs
