@@ -7,5 +7,7 @@
 * :mod:`.pipeline_parallel` — schedules, bubbles and the executor;
 * :mod:`.expert_parallel` — Mixture-of-Experts routing, all-to-all, load balance;
 * :mod:`.hybrid` — every hybrid layout trains the same model (``hybrid_loss.png``);
+* :mod:`.zero` — ZeRO stages 0-3: ledger bytes per rank and bytes per step against
+  ZeRO §5 and §7 (``python -m simpar zero``, ``zero_memory.png``);
 * :mod:`.common` — the options every demo shares.
 """
