@@ -213,7 +213,8 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
           model: dict | None = None, corpus: str = "corpus", log_every: int = 0,
           attention: str = "ring",
           zero: int = 0, save: str | None = None, save_every: int = 0,
-          resume: str | None = None, recompute: str = "none", log=print) -> dict:
+          resume: str | None = None, recompute: str = "none", precision: str | None = None,
+          loss_scaling: bool = True, log=print) -> dict:
     """Train on ``layout`` (a :class:`~simpar.comm.mesh.ParallelConfig`): every rank of
     ``comm`` calls this.  ``batch_size`` is the **global** batch, so every layout
     trains the same model on the same data and — for a dense GPT — prints the
@@ -232,11 +233,25 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
     from (any layout, any ZeRO stage) — step, learning-rate schedule position and
     the data sampler's RNG state come back with it, so the losses continue those
     of an uninterrupted run.  ``recompute``: activation recomputation ``"none"``,
-    ``"selective"`` or ``"full"`` (Korthikanti et al. 2022, §5; same losses)."""
+    ``"selective"`` or ``"full"`` (Korthikanti et al. 2022, §5; same losses).
+    ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` — a 16-bit model with float32
+    master weights and optimizer state (:mod:`simpar.mixed_precision`; fp16 with
+    dynamic loss scaling unless ``loss_scaling=False``); overrides ``dtype``.
+    The result also has ``mfu`` / ``hfu`` (model / hardware FLOPs utilisation of the
+    last step, this machine and simulated), ``skipped`` (steps skipped on overflow),
+    ``loss_scale`` and ``zero_grads``: per step, the fractions of gradient elements
+    that are 0 and that are below the dtype's normal range (:func:`underflow`)."""
     from . import checkpoint
     from .comm.mesh import Mesh
     from .parallel.hybrid import build_model
     from .parallel.zero import DistributedOptimizer, check_zero
+    from .nn.precision import precision_dtype, is_half
+    half = precision is not None and is_half(precision_dtype(precision))
+    if precision is not None:
+        dtype = precision_dtype(precision)
+    if half and (zero or save or resume):
+        raise ValueError(f"precision={precision!r} with ZeRO, --save or --resume is not "
+                         f"supported yet (zero={zero}, save={save!r}, resume={resume!r})")
     check_zero(zero, layout, moe=bool(moe_experts), sequence_parallel=sequence_parallel,
                overlap=overlap)
     if layout.cp > 1 and zero:
@@ -263,7 +278,17 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
                          context_parallel=attention,
                          overlap=overlap, bucket_bytes=bucket_bytes, recompute=recompute)
     del ref
-    opt = DistributedOptimizer(hybrid, zero, "adamw", lr=lr, weight_decay=weight_decay)
+    if half:                # 16-bit model, float32 masters and moments, agreed overflow checks
+        from . import trace as _trace
+        from .mixed_precision import MixedPrecisionOptimizer, default_scaler
+        params = hybrid.parameters()
+        _trace.alloc("params", sum(p.nbytes for p in params.values()))
+        _trace.alloc("grads", sum(p.nbytes for p in params.values()))
+        opt = MixedPrecisionOptimizer(params, "adamw", comm=comm, lr=lr,
+                                      weight_decay=weight_decay,
+                                      scaler=default_scaler(dtype, loss_scaling))
+    else:
+        opt = DistributedOptimizer(hybrid, zero, "adamw", lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
     schedule_pos = {"steps": steps, "lr": lr, "warmup": warmup, "min_lr_frac": min_lr_frac}
     start = 0
@@ -277,20 +302,28 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
         log(f"resumed from {resume} at step {start}")
     tracer = comm.tracer
     losses, sims, t0 = [], [], time.perf_counter()
+    zero_grads, walls = [], []
     for step in range(start, steps):
         x, y = get_batch(train_ids, batch_size, hybrid.config.seq_len, rng)   # same on every rank
         if step == steps - 1:
             tracer.reset()        # keep the last step's events only (clocks agree here)
         s0, w0 = tracer.sim_now, time.perf_counter()
         hybrid.zero_grad()
-        loss = hybrid.step(x, y, micro_batches)["loss"]
+        scale = {"loss_scale": opt.loss_scale} if half else {}
+        loss = hybrid.step(x, y, micro_batches, **scale)["loss"]
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step} (lr={lr})")
-        if grad_clip:
-            hybrid.clip_grad_norm(grad_clip)
         opt.lr = _lr_at(step, steps, lr, warmup, min_lr_frac)
-        opt.step()
+        if precision is not None:
+            zero_grads.append(underflow(hybrid.gradients()))
+        if half:
+            opt.step(hybrid.gradients(), max_norm=grad_clip or None, norm=hybrid.grad_norm)
+        else:
+            if grad_clip:
+                hybrid.clip_grad_norm(grad_clip)
+            opt.step()
         losses.append(loss)
+        walls.append(time.perf_counter() - w0)
         sims.append(tracer.sim_now - s0)
         if save and ((save_every and (step + 1) % save_every == 0) or step == steps - 1):
             checkpoint.save(save, hybrid, opt, {"step": step + 1, "lr_schedule": schedule_pos,
@@ -301,9 +334,62 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
                 f"{sims[-1] * 1e3:.3f} ms ({tracer.cluster.name}) | {time.perf_counter() - t0:6.1f} s")
     seconds = time.perf_counter() - t0
     tokens = (steps - start) * batch_size * hybrid.config.seq_len
+    util = utilization(comm, hybrid, batch_size, walls[-1], sims[-1]) if walls else {}
+    if util and log_every:
+        log(f"MFU {util['mfu_machine']:.1%} HFU {util['hfu_machine']:.1%} of this machine "
+            f"({util['core_flops'] / 1e9:.0f} GFLOP/s per device); simulated "
+            f"({tracer.cluster.name}): MFU {util['mfu_sim']:.1%} HFU {util['hfu_sim']:.1%}")
     return {"loss": losses, "sim_step": sims, "seconds": seconds, "tokens": tokens,
             "tokens_per_s": tokens / seconds, "model": hybrid, "tokenizer": tok,
-            "start_step": start, "optimizer": opt}
+            "start_step": start, "optimizer": opt, **util,
+            "skipped": opt.scaler.skipped if half else 0,
+            "loss_scale": opt.loss_scale if half else 1.0, "zero_grads": zero_grads}
+
+
+def underflow(grads) -> tuple[float, float]:
+    """``(zero, subnormal)``: the fractions of gradient elements that are exactly 0
+    and that are nonzero but below the smallest normal number of their dtype
+    (float16: 2⁻¹⁴ ≈ 6·10⁻⁵; precision is lost there, and under 2⁻²⁴ the value is
+    flushed to 0 — Micikevicius et al. 2018, Fig. 3)."""
+    from .nn.precision import BF16
+    import ml_dtypes
+    zeros = tiny = total = 0
+    for g in grads.values():
+        lim = float(ml_dtypes.finfo(g.dtype).tiny if g.dtype == BF16 else np.finfo(g.dtype).tiny)
+        a = np.abs(g.astype(np.float32) if g.dtype == BF16 else g)
+        z = int(g.size - np.count_nonzero(a))
+        zeros, tiny, total = zeros + z, tiny + int(np.count_nonzero(a < lim)) - z, total + g.size
+    return zeros / max(total, 1), tiny / max(total, 1)
+
+
+def utilization(comm, hybrid, batch_size: int, wall_step: float, sim_step: float) -> dict:
+    """Model and hardware FLOPs utilisation of the last step (Chowdhery et al. 2022,
+    PaLM, appendix B; Korthikanti et al. 2022 §6.3):
+
+    * MFU = model FLOPs / (time · devices · peak), model FLOPs = 3 × the forward's
+      matmul FLOPs (:func:`simpar.formulas.layer_forward_flops` per layer + LM head)
+      — what the model needs, whatever the implementation does;
+    * HFU = hardware FLOPs / (time · devices · peak), hardware FLOPs = every compute
+      region's FLOPs this step on every rank (the tracer), recomputation included.
+
+    Recomputation raises HFU, not MFU.  "Machine": this machine's wall clock and its
+    measured one-core float32 matmul peak per device; "sim": the simulated clock and
+    the preset's device peak."""
+    from . import formulas, sim
+    c = hybrid.config
+    tokens = batch_size * c.seq_len
+    fwd = c.n_layer * formulas.layer_forward_flops(batch_size, c.seq_len, c.d_model, c.d_ff) + \
+        formulas.linear_flops(tokens, c.d_model, c.vocab_size)
+    model_flops = 3.0 * fwd
+    mine = sum(e.flops for e in comm.tracer.events if e.category == "compute")
+    hw_flops = float(comm.all_reduce(np.array([mine]))[0])
+    n = comm.size
+    core = sim.this_machine().device.flops
+    dev = comm.tracer.cluster.device.flops
+    return {"model_flops": model_flops, "hardware_flops": hw_flops, "core_flops": core,
+            "mfu_machine": model_flops / (wall_step * n * core),
+            "hfu_machine": hw_flops / (wall_step * n * core),
+            "mfu_sim": model_flops / (sim_step * n * dev), "hfu_sim": hw_flops / (sim_step * n * dev)}
 
 
 def _parser():
@@ -349,6 +435,11 @@ def _parser():
     add("--recompute", default="none", choices=("none", "selective", "full"),
         help="activation recomputation: selective recomputes attention's softmax, full "
         "each layer's forward, in backward (default none)")
+    add("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+        help="16-bit model (bf16 or fp16) with float32 master weights and Adam state; fp16 "
+        "uses dynamic loss scaling (default: fp32, or fp64 with --float64)")
+    add("--no-loss-scaling", action="store_true", help="fp16 without loss scaling (to see "
+        "gradients underflow)")
     return ap
 
 
@@ -368,12 +459,15 @@ def main(argv=None) -> dict:
               dtype=np.float64 if args.float64 else np.float32, overlap=args.overlap,
               bucket_bytes=args.bucket_bytes, log_every=args.log_every, zero=args.zero,
               save=args.save, save_every=args.save_every, resume=args.resume,
-              recompute=args.recompute)
+              recompute=args.recompute, precision=args.precision,
+              loss_scaling=not args.no_loss_scaling)
 
     def job(comm):
         out = train(comm, layout, **kw)
         events = comm.gather_objects(comm.tracer.events)        # the last step, every rank
-        return {k: out[k] for k in ("loss", "sim_step", "seconds", "tokens_per_s")} | \
+        return {k: out.get(k) for k in ("loss", "sim_step", "seconds", "tokens_per_s", "mfu_machine",
+                                        "hfu_machine", "mfu_sim", "hfu_sim", "skipped",
+                                        "loss_scale", "zero_grads")} | \
             {"events": events if comm.rank == 0 else None}
 
     if launcher_size() > 1:

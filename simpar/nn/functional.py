@@ -41,6 +41,7 @@ import math
 import numpy as np
 
 from ..formulas import attention_flops, linear_flops  # noqa: F401  (one definition)
+from .precision import mixed
 
 __all__ = [
     "linear_forward", "linear_backward", "linear_backward_input", "linear_backward_weight",
@@ -55,6 +56,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- linear
+@mixed
 def linear_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     """``y = x @ W + b`` for ``x`` of shape ``(..., n_in)`` and ``W`` of ``(n_in, n_out)``.
 
@@ -67,6 +69,7 @@ def linear_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None) ->
     return y.reshape(*x.shape[:-1], W.shape[1])
 
 
+@mixed
 def linear_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray):
     """Gradients of ``y = x @ W + b``; returns ``(dx, dW, db)``.
 
@@ -81,12 +84,14 @@ def linear_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray):
     return dx, dW, db
 
 
+@mixed
 def linear_backward_input(dy: np.ndarray, W: np.ndarray) -> np.ndarray:
     """The input half of :func:`linear_backward`: ``dx = dy @ Wᵀ``."""
     dy2 = dy.reshape(-1, dy.shape[-1])
     return (dy2 @ W.T).reshape(dy.shape[:-1] + (W.shape[0],))
 
 
+@mixed
 def linear_backward_weight(dy: np.ndarray, x: np.ndarray):
     """The weight half of :func:`linear_backward`: ``(dW, db) = (xᵀ @ dy, Σ dy)``."""
     dy2 = dy.reshape(-1, dy.shape[-1])
@@ -98,6 +103,7 @@ GELU_C = math.sqrt(2.0 / math.pi)   # √(2/π)
 GELU_A = 0.044715
 
 
+@mixed
 def gelu(x: np.ndarray) -> np.ndarray:
     """GPT-2's tanh approximation of GELU (Hendrycks & Gimpel 2016, §2):
 
@@ -106,6 +112,7 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + GELU_A * x**3)))
 
 
+@mixed
 def gelu_backward(dy: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``dx = dy · gelu'(x)``; with ``t = tanh(u)`` and ``du/dx = √(2/π)(1 + 3·0.044715 x²)``:
 
@@ -119,6 +126,7 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) 
 
 
 # ------------------------------------------------------------------- LayerNorm
+@mixed(keep={(1, 1)})
 def layernorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5):
     """Layer normalisation over the last axis (Ba et al. 2016, §3, eq. (3)):
 
@@ -135,6 +143,7 @@ def layernorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: f
     return gamma * xhat + beta, (xhat, rstd, gamma)
 
 
+@mixed
 def layernorm_backward(dy: np.ndarray, cache):
     """Gradients of LayerNorm; returns ``(dx, dγ, dβ)``.  With ``g = dy · γ``:
 
@@ -150,6 +159,7 @@ def layernorm_backward(dy: np.ndarray, cache):
 
 
 # --------------------------------------------------------------------- softmax
+@mixed
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """``softmax(x)ᵢ = exp(xᵢ − max x) / Σⱼ exp(xⱼ − max x)`` along ``axis``
     (subtracting the max changes nothing but keeps ``exp`` from overflowing)."""
@@ -157,6 +167,7 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+@mixed
 def softmax_backward(dy: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     """Given ``y = softmax(x)``: ``dx = y · (dy − Σ dy · y)`` along ``axis``."""
     return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
@@ -190,6 +201,7 @@ def causal_mask(s: int, dtype) -> np.ndarray:
     return np.triu(np.full((s, s), -np.inf, dtype=dtype), 1)
 
 
+@mixed
 def causal_attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int):
     """Multi-head causal self-attention (Vaswani et al. 2017 §3.2.1, eq. (1)):
 
@@ -206,6 +218,7 @@ def causal_attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head
     return merge_heads(p @ vh), (qh, kh, vh, p, scale)
 
 
+@mixed
 def causal_attention_backward(dy: np.ndarray, cache, out=None):
     """Gradients of :func:`causal_attention_forward`; returns ``(dq, dk, dv)``.
 
@@ -234,6 +247,7 @@ def embedding_forward(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     return table[ids]
 
 
+@mixed(accumulates=True)
 def embedding_backward(dy: np.ndarray, ids: np.ndarray, vocab_size: int,
                        out: np.ndarray | None = None) -> np.ndarray:
     """Scatter-add: ``dtable[v] = Σ_{positions p with ids[p] = v} dy[p]``.
@@ -249,6 +263,7 @@ def embedding_backward(dy: np.ndarray, ids: np.ndarray, vocab_size: int,
 
 
 # --------------------------------------------------------------- cross-entropy
+@mixed(keep={(1,)})
 def cross_entropy(logits: np.ndarray, targets: np.ndarray):
     """Mean over all tokens of ``−log softmax(logits)[target]``.
 

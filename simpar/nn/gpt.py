@@ -29,6 +29,7 @@ from .. import trace
 from . import functional as F
 from .layers import LayerNorm, Linear, TransformerBlock, _check_ids, normal_init
 from .module import Module, frozen
+from .precision import acc_dtype
 
 
 @dataclass
@@ -100,7 +101,7 @@ class GPT(Module):
         with trace.compute("embedding.backward", flops=0.0):
             idx = self._pop(key, slot="embed")["idx"]
             F.embedding_backward(dx, idx, self.config.vocab_size, out=self.grads["wte"])
-            self.grads["wpe"][:idx.shape[1]] += dx.sum(axis=0)
+            self.grads["wpe"][:idx.shape[1]] += dx.sum(axis=0, dtype=acc_dtype(dx.dtype))
 
     # ----------------------------------------------------------- head end
     def head_flops(self, batch: int, seq: int) -> float:

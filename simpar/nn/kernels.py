@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from .functional import GELU_A, GELU_C, causal_mask, heads_view, split_heads
+from .precision import mixed
 
 __all__ = [
     "gelu_fast", "gelu_backward_fast", "layernorm_forward_fast", "layernorm_backward_fast",
@@ -60,6 +61,7 @@ def _tanh_u(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return np.tanh(out, out=out)
 
 
+@mixed
 def gelu_fast(x: np.ndarray) -> np.ndarray:
     """:func:`~.functional.gelu`, ``0.5 x (1 + t)``, over cache blocks."""
     xf = _flat(x)
@@ -74,6 +76,7 @@ def gelu_fast(x: np.ndarray) -> np.ndarray:
     return y.reshape(x.shape)
 
 
+@mixed
 def gelu_backward_fast(dy: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """:func:`~.functional.gelu_backward` over cache blocks:
     ``dx = dy · (0.5 (1 + t) + 0.5 x (1 − t²) c (1 + 3a x²))``.  ``out``
@@ -104,6 +107,7 @@ def gelu_backward_fast(dy: np.ndarray, x: np.ndarray, out: np.ndarray | None = N
 
 
 # ------------------------------------------------------------------- LayerNorm
+@mixed(keep={(1, 1)})
 def layernorm_forward_fast(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
                            eps: float = 1e-5):
     """:func:`~.functional.layernorm_forward` over blocks of rows; same cache
@@ -128,6 +132,7 @@ def layernorm_forward_fast(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
     return y.reshape(shape), (xhat.reshape(shape), rstd.reshape(shape[:-1] + (1,)), gamma)
 
 
+@mixed
 def layernorm_backward_fast(dy: np.ndarray, cache):
     """:func:`~.functional.layernorm_backward` over blocks of rows:
     ``dx = (g − mean(g) − x̂ · mean(g · x̂)) / √(σ² + ε)`` with ``g = dy · γ``."""
@@ -159,6 +164,7 @@ def layernorm_backward_fast(dy: np.ndarray, cache):
 
 
 # --------------------------------------------------------------------- softmax
+@mixed(inplace=(0,))
 def softmax_(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """:func:`~.functional.softmax` in place (``x`` is overwritten and returned)."""
     x -= x.max(axis=axis, keepdims=True)
@@ -168,6 +174,7 @@ def softmax_(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x
 
 
+@mixed(inplace=(0,))
 def softmax_backward_(dy: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     """:func:`~.functional.softmax_backward` that overwrites ``dy`` with the result."""
     s = np.multiply(dy, y).sum(axis=axis, keepdims=True)
@@ -205,6 +212,7 @@ def _group_size(n_head: int, s: int) -> int:
     return max(1, min(n_head, _ATT_BLOCK // (s * s)))
 
 
+@mixed
 def attention_forward_fast(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int):
     """:func:`~.functional.causal_attention_forward` over head groups: per group
     ``P = softmax(q kᵀ/√d + M)`` in place in the saved scores, then ``y = P v``
@@ -225,6 +233,7 @@ def attention_forward_fast(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: 
     return y, (qh, kh, vh, att, scale)
 
 
+@mixed
 def attention_backward_fast(dy: np.ndarray, cache, out=None):
     """:func:`~.functional.causal_attention_backward` over head groups, writing
     ``dq, dk, dv`` into ``out`` (three ``(b, s, h)`` arrays, e.g. views of one

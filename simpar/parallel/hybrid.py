@@ -58,6 +58,7 @@ from ..comm import Comm
 from ..comm.mesh import Mesh
 from ..nn import GPT
 from ..nn.module import check_recompute
+from ..nn.precision import HALF
 from ..nn.moe_gpt import MoEGPT
 from ..optim import clip_grad_norm
 from .context import SCHEMES, check_context, chunk_positions, use_context_parallel
@@ -237,11 +238,13 @@ class HybridModel:
                         if grads and comm.size > 1]
 
     # ------------------------------------------------------------ a step
-    def step(self, idx, targets, micro_batches: int = 1) -> dict:
+    def step(self, idx, targets, micro_batches: int = 1, loss_scale: float = 1.0) -> dict:
         """Forward and backward of the **global** batch ``(B, s)`` (the same on
         every rank); gradients accumulate over the micro-batches and are summed
         over their groups once.  Returns ``{"loss", "ce", "aux", "result"}``: the
-        global loss (cross-entropy + MoE auxiliary), the same on every rank."""
+        global loss (cross-entropy + MoE auxiliary), the same on every rank.
+        ``loss_scale``: the backward of ``S · loss`` (mixed precision's loss
+        scaling; the gradients are ``S`` times the true ones, the loss is not)."""
         idx, targets = np.asarray(idx), np.asarray(targets)
         dp, m = self.mesh.config.dp, micro_batches
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
@@ -265,7 +268,7 @@ class HybridModel:
         self.mesh.world.agree("global batch (token ids, the same on every rank)", idx)
         self.mesh.world.agree("global targets", targets)
         for layer in self.moe_layers():
-            layer.aux_scale = 1.0 / (dp * m)      # one routing group per (dp rank, micro-batch)
+            layer.aux_scale = loss_scale / (dp * m)   # one routing group per (dp rank, micro-batch)
         schedule = make_schedule(self.schedule_name, self.mesh.config.pp, m,
                                  self.mesh.config.vpp)
         r, n_tokens = self.mesh.coords.dp, targets.size   # the loss: mean over all tokens
@@ -274,9 +277,12 @@ class HybridModel:
                                    self.cp_balanced)
             idx, targets = idx[:, mine], targets[:, mine]
         run = run_schedule if self.zero is None else self.zero.run_schedule   # ZeRO-3: gathers
+        scaled = {} if loss_scale == 1.0 else {"loss_scale": loss_scale}
+        if scaled and self.zero is not None:
+            raise ValueError("loss scaling with a ZeRO optimizer is not supported yet")
         result = run(self.mesh.pp, schedule, self.stages, split_batch(idx, r, dp, m),
                               split_batch(targets, r, dp, m), loss_tokens=n_tokens,
-                              grads_ready=self._ready)
+                              grads_ready=self._ready, **scaled)
         self.sync_grads()
         share = 1.0 / (dp * self.mesh.config.cp)  # this rank's share of the tokens
         return self._global_loss(result, dp * m, share)
@@ -356,6 +362,8 @@ class HybridModel:
                 counted = c.dp == 0 and c.cp == 0
             if counted and (name in sharded or c.tp == 0):
                 flat = g.ravel()
+                if flat.dtype in HALF:            # 16-bit gradients: sum squares in float32
+                    flat = flat.astype(np.float32)
                 total += float(np.dot(flat, flat))
         return math.sqrt(float(mesh.world.all_reduce(np.array([total]))[0]))
 

@@ -144,7 +144,8 @@ def check_split(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineSta
 def run_schedule(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineStage],
                  inputs: Sequence, targets: Sequence, *, clobber_buffers: bool = False,
                  loss_tokens: int | None = None,
-                 grads_ready: Callable[[list[str]], None] | None = None) -> StepResult:
+                 grads_ready: Callable[[list[str]], None] | None = None,
+                 loss_scale: float = 1.0) -> StepResult:
     """One training step of ``schedule`` on this rank (forward, backward, gradients
     accumulated into the stages' ``grads``; no optimizer step).
 
@@ -161,6 +162,8 @@ def run_schedule(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineSt
     ``grads_ready(names)`` is called as the gradients of a stage's pieces become
     final (in the last backward of that stage) — the hook data parallelism uses
     to launch its bucketed all-reduces early.
+    ``loss_scale``: the backward starts from ``S · loss`` (mixed precision's loss
+    scaling, :mod:`simpar.mixed_precision`); the reported losses are unscaled.
 
     Every rank must pass the same schedule and micro-batches (the checks run on
     each rank alone, before any message, so they cannot see another rank's).
@@ -168,22 +171,23 @@ def run_schedule(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineSt
     check_run_args(comm, schedule, stages, inputs, targets)
     comm.agree("pipeline step (schedule, micro-batch shapes, loss tokens)",
                (schedule.name, schedule.p, schedule.m, schedule.n_stages,
-                tuple(np.shape(x) for x in inputs), loss_tokens))
+                tuple(np.shape(x) for x in inputs), loss_tokens, float(loss_scale)))
     check_split(comm, schedule, stages)
     ex = _Executor(comm, schedule, stages, inputs, targets, clobber_buffers, loss_tokens,
-                   grads_ready)
+                   grads_ready, loss_scale)
     return ex.run()
 
 
 class _Executor:
     def __init__(self, comm, schedule, stages, inputs, targets, clobber, loss_tokens=None,
-                 grads_ready=None):
+                 grads_ready=None, loss_scale=1.0):
         self.comm, self.sch, self.stages = comm, schedule, stages
         self.inputs = [np.asarray(x) for x in inputs]
         self.targets = [np.asarray(y) for y in targets]
         self.clobber = clobber
         self.step_tokens = sum(y.size for y in self.targets)
         self.total_tokens = self.step_tokens if loss_tokens is None else int(loss_tokens)
+        self.loss_scale = float(loss_scale)
         any_stage = next(iter(stages.values()))
         self.dtype = any_stage.dtype
         self.grads_ready = grads_ready
@@ -256,7 +260,7 @@ class _Executor:
             cache = self.loss_cache.pop(a.mb)
             trace.free("activations", cache[0].nbytes)
             # d(mean over all tokens)/d(mean over this micro-batch's tokens)
-            share = self.targets[a.mb].size / self.total_tokens
+            share = self.targets[a.mb].size / self.total_tokens * self.loss_scale
             return st.loss_backward(cache, share), False
         return self.ready.pop(("B", a.mb, a.stage)), True
 

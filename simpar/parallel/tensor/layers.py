@@ -28,6 +28,7 @@ from ... import trace
 from ...comm import Comm
 from ...nn import Linear, Module
 from ...nn import functional as F
+from ...nn.precision import acc_dtype
 from .mappings import (allreduce_sequence_parallel_grads, copy_to_tp_region,
                        copy_to_tp_region_backward, gather_from_sp_region,
                        gather_from_sp_region_backward, gather_from_tp_region,
@@ -300,7 +301,7 @@ class RowParallelLinear(TensorParallelModule):
 
     def backward_pass(self, dy, key=0, *, weights=True):
         if "b" in self.params:          # the bias is added after the sum: its own db
-            self.grads["b"] += dy.reshape(-1, self.n_out).sum(axis=0)
+            self.grads["b"] += dy.reshape(-1, self.n_out).sum(axis=0, dtype=acc_dtype(dy.dtype))
             self._grads_pending |= self.sequence_parallel
         if self.sequence_parallel:
             dy = reduce_scatter_to_sp_region_backward(dy, self.tp)

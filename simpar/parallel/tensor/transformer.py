@@ -49,6 +49,7 @@ from ...comm import Comm
 from ...nn import GPT, LayerNorm, Module
 from ...nn import functional as F
 from ...nn.module import frozen
+from ...nn.precision import acc_dtype
 from ...nn.moe_gpt import MoETransformerBlock
 from ..expert import ExpertParallelMoE
 from .attention import ParallelAttention
@@ -276,7 +277,8 @@ class ParallelGPT(TensorParallelModule):
     def embed_backward(self, dx, key=0) -> None:
         """Accumulate the gradients of ``wpe`` (my positions) and of my rows of ``wte``."""
         saved = self._pop(key, slot="embed")
-        self.grads["wpe"][self._my_positions(saved["local"].shape[1])] += dx.sum(axis=0)
+        self.grads["wpe"][self._my_positions(saved["local"].shape[1])] += \
+            dx.sum(axis=0, dtype=acc_dtype(dx.dtype))
         if self.sequence_parallel:
             dx = reduce_scatter_to_sp_region_backward(dx, self.tp)
         else:

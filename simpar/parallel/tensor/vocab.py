@@ -20,6 +20,7 @@ import numpy as np
 from ... import trace
 from ...comm import Comm
 from ...nn import Embedding
+from ...nn.precision import mixed
 from .layers import TensorParallelModule, pad_along, padded_size, shard
 from .mappings import (reduce_from_tp_region, reduce_from_tp_region_backward,
                        reduce_scatter_to_sp_region, reduce_scatter_to_sp_region_backward)
@@ -54,6 +55,7 @@ def embedding_shard_forward(ids: np.ndarray, table: np.ndarray, start: int):
     return y, local, mine
 
 
+@mixed(inplace=(3,))
 def embedding_shard_backward(dy: np.ndarray, local: np.ndarray, mine: np.ndarray,
                              dtable: np.ndarray) -> None:
     """Scatter-add ``dy`` of my ids into ``dtable`` (repeated ids add up)."""
@@ -116,6 +118,7 @@ def shard_vocab(table: np.ndarray, tp: Comm) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- cross-entropy
+@mixed(keep={(1,)})
 def vocab_parallel_cross_entropy(logits: np.ndarray, targets: np.ndarray, vocab_size: int,
                                  tp: Comm):
     """Mean cross-entropy over all tokens from this rank's logit columns.
