@@ -143,6 +143,9 @@ class MixedPrecisionOptimizer:
     def t(self) -> int:
         return self.inner.t
 
+    def hyperparameters(self) -> dict:
+        return self.inner.hyperparameters()
+
     def state_nbytes(self) -> int:
         """Optimizer bytes: masters + the inner optimizer's state (K·Ψ, K = 12 for AdamW)."""
         return sum(m.nbytes for m in self.master.values()) + self.inner.state_nbytes()
