@@ -18,7 +18,8 @@ For each layout, one table row:
   until its slowest rank ends it), as tokens/s.  One MPI process per rank and one
   BLAS thread each; with 4 ranks on a 2-core machine two ranks share a core, so the
   ideal against one device is the number of cores, not 4.  The first row is one
-  device alone (rank 0, the others waiting);
+  device alone (rank 0, the others waiting), one step after each layout's, the best
+  counting: a baseline measured over the whole run, whatever the machine's load did;
 * **simulated A100** (DGX A100: NVLink inside a node): the step time and tokens/s of
   the same step on the simulated clock, deterministic;
 * the busiest rank's compute time on the simulated clock (the rest of the step is
@@ -75,37 +76,47 @@ def sent_bytes(events) -> float:
     from simpar.parallel.tensor.accounting import ring_bytes
     total = 0.0
     for e in events:
-        if e.category != "comm" or e.name == "recv":
+        if e.category != "comm" or e.name in ("recv", "barrier", "broadcast"):
             continue
         total += e.nbytes if e.name == "send" else ring_bytes(e) if e.args.get("size") else 0
     return total
 
 
-def measure(comm, cfg, layout, options, x, y, m, reps) -> dict:
-    """Best wall step (slowest rank) and the simulated step of ``layout`` on ``comm``."""
-    from simpar.comm.mesh import Mesh
-    from simpar.nn import GPT
-    from simpar.optim import AdamW
-    from simpar.parallel.hybrid import build_model
-    model = build_model(GPT(cfg, seed=0, dtype=np.float32), Mesh(comm, layout), **options)
-    opt = AdamW(model.parameters(), lr=1e-3)
-    walls = []
-    for rep in range(reps + 1):                        # rep 0 warms up
+class Runner:
+    """Training steps of ``layout`` on ``comm``: the best wall step (the slowest rank
+    ending it) and the last step on the simulated clock."""
+
+    def __init__(self, comm, cfg, layout, options, x, y, m) -> None:
+        from simpar.comm.mesh import Mesh
+        from simpar.nn import GPT
+        from simpar.optim import AdamW
+        from simpar.parallel.hybrid import build_model
+        self.comm, self.x, self.y, self.m = comm, x, y, m
+        self.model = build_model(GPT(cfg, seed=0, dtype=np.float32), Mesh(comm, layout),
+                                 **options)
+        self.opt = AdamW(self.model.parameters(), lr=1e-3)
+        self.walls: list[float] = []
+
+    def step(self, timed: bool = True) -> None:
+        comm, model = self.comm, self.model
         comm.barrier()
         comm.tracer.reset()
         t0 = time.perf_counter()
         model.zero_grad()
-        model.step(x, y, m)
+        model.step(self.x, self.y, self.m)
         model.clip_grad_norm(1.0)
-        opt.step(model.gradients())
-        walls.append(time.perf_counter() - t0)
-    t, world = comm.tracer, comm
-    busy = sum(e.sim_end - e.sim_start for e in t.events if e.category == "compute")
-    # a step lasts until its slowest rank ends it; the tracer holds the last step
-    wall = world.all_reduce(np.array(walls[1:], dtype=np.float64), op="max")
-    stats = world.all_reduce(np.array([t.sim_now, sent_bytes(t.events), busy]), op="max")
-    return {"seconds": float(wall.min()), "sim": float(stats[0]), "bytes": float(stats[1]),
-            "sim_compute": float(stats[2])}
+        self.opt.step(model.gradients())
+        wall = comm.all_reduce(np.array([time.perf_counter() - t0]), op="max")[0]
+        t = comm.tracer                                # this step's events only
+        busy = sum(e.sim_end - e.sim_start for e in t.events if e.category == "compute")
+        self.last = np.array([t.sim_now, sent_bytes(t.events), busy])
+        if timed:
+            self.walls.append(float(wall))
+
+    def result(self) -> dict:
+        stats = self.comm.all_reduce(self.last, op="max")   # the last step, busiest rank
+        return {"seconds": min(self.walls), "sim": float(stats[0]), "bytes": float(stats[1]),
+                "sim_compute": float(stats[2])}
 
 
 def worker(args) -> None:
@@ -116,22 +127,33 @@ def worker(args) -> None:
     world = mpi.world(cluster=sim.preset("a100"))
     if world.size != WORLD:
         raise SystemExit(f"run with {WORLD} ranks (mpiexec -n {WORLD}), got {world.size}")
+    load = os.getloadavg()[0]
     cfg = model_config(args)
     rng = np.random.default_rng(0)
     x = rng.integers(0, VOCAB, (args.batch, cfg.seq_len))
     y = np.roll(x, -1, axis=1)
     tokens = x.size
-    rows = []
     solo = world.split(world.rank, 0, name="solo")
-    one = None
-    if world.rank == 0:                                # one device; the others wait
-        one = measure(solo, cfg, ParallelConfig(), {}, x, y, 1, args.reps)
-    world.barrier()
-    rows.append(("1 device", ParallelConfig(), 1, one))
+    one = Runner(solo, cfg, ParallelConfig(), {}, x, y, 1) if world.rank == 0 else None
+
+    def one_device(timed=True):
+        """A step of one device alone (rank 0; the others wait): after every layout,
+        so that the baseline sees the machine's load over the whole run."""
+        if one is not None:
+            one.step(timed)
+        world.barrier()
+
+    one_device(timed=False)                            # warm-up
+    rows = []
     for label, layout, options in layouts():
         m = args.m if layout.pp > 1 else 1
-        rows.append((label, layout, m, measure(world, cfg, layout, options, x, y, m,
-                                               args.reps)))
+        run = Runner(world, cfg, layout, options, x, y, m)
+        for rep in range(args.reps + 1):               # rep 0 warms up
+            run.step(timed=rep > 0)
+        rows.append((label, layout, m, run.result()))
+        del run
+        one_device()
+    rows.insert(0, ("1 device", ParallelConfig(), 1, one.result() if one else None))
     if world.rank != 0:
         return
     psi = 12 * cfg.n_layer * cfg.d_model ** 2
@@ -139,7 +161,8 @@ def worker(args) -> None:
           f"{cfg.n_head} heads, vocab {VOCAB}, seq {cfg.seq_len} (~{psi / 1e6:.1f}M block "
           f"parameters); global batch {args.batch} x {cfg.seq_len} = {tokens} tokens; "
           f"{WORLD} MPI processes on {os.cpu_count()} cores, 1 BLAS thread each; best of "
-          f"{args.reps} steps\n")
+          f"{args.reps} steps (1 device: best of one step after each layout); load average "
+          f"{load:.1f} at the start (1-minute)\n")
     head = (f"{'layout':<27} {'m':>2} | {'step ms':>8} {'tokens/s':>9} {'vs 1 dev':>8} | "
             f"{'A100 step µs':>12} {'compute µs':>10} {'A100 tokens/s':>13} | "
             f"{'KiB sent':>9}")
