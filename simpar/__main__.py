@@ -15,6 +15,7 @@ COMMANDS = {
     "pipeline": ("simpar.demos.pipeline_parallel", "pipeline schedules, bubbles, equivalence"),
     "expert": ("simpar.demos.expert_parallel", "Mixture-of-Experts routing and all-to-all"),
     "zero": ("simpar.demos.zero", "ZeRO stages 0-3: memory per rank and bytes per step"),
+    "memory": ("simpar.demos.memory", "activation recomputation and mixed precision: memory, loss"),
     "context": ("simpar.demos.context_parallel", "context parallelism: ring attention overlap "
                 "and balance, ring vs Ulysses"),
     "figures": ("simpar.demos.figures", "regenerate the committed figures/ (demos write ./out)"),

@@ -517,3 +517,81 @@ def cp_ring_vs_ulysses(rows: list[dict], title: str = ""):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# ======================================================== memory: recompute, precision
+def activation_memory(rows: list[dict], b: int, s: int, h: int, a: int):
+    """Activation bytes per layer per device against the tensor-parallel size
+    (Korthikanti et al. 2022, Table 2 and §5).  Left: the memory ledger of this
+    demo's float64 layer (markers) on simpar's formula (lines), recompute none /
+    selective / full, with and without sequence parallelism; ``rows``:
+    ``{"t", "sp", "recompute", "ledger"}``.  Right: simpar's formula in 16-bit
+    bytes (solid) and the paper's five rows (dashed) for a GPT-3 175B layer."""
+    from .parallel.tensor import activation_elements
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ts = np.array([1, 2, 4, 8])
+    colors = {"none": "#4C72B0", "selective": "#55A868", "full": "#C44E52"}
+    for mode, color in colors.items():
+        for sp, style in ((False, "-"), (True, "--")):
+            name = f"{mode}{', SP' if sp else ''}"
+            ax1.plot(ts, [8 * activation_elements(b, s, h, a, t, sequence_parallel=sp,
+                                                  recompute=mode) / 1024 for t in ts],
+                     style, color=color, label=f"formula, {name}")
+            got = [r for r in rows if r["sp"] == sp and r["recompute"] == mode]
+            ax1.plot([r["t"] for r in got], [r["ledger"] / 1024 for r in got],
+                     "o" if not sp else "s", color=color, mfc="none" if sp else color, ms=5)
+    ax1.set_title(f"ledger (markers) = formula, this demo's layer\n"
+                  f"(b={b} s={s} h={h} a={a}, float64)", fontsize=9)
+    ax1.set_ylabel("KiB saved per layer per device")
+    B, S, H, A = 1, 2048, 12288, 96
+    paper = {"none, TP": lambda t: formulas.activation_bytes_per_layer(S, B, H, A, t),
+             "none, TP+SP": lambda t: formulas.activation_bytes_per_layer(S, B, H, A, t, True),
+             "selective, TP+SP": lambda t: formulas.recompute_activation_bytes_per_layer(
+                 S, B, H, t, selective=True),
+             "full": lambda t: formulas.recompute_activation_bytes_per_layer(S, B, H)}
+    ours = {"none, TP": ("none", False), "none, TP+SP": ("none", True),
+            "selective, TP+SP": ("selective", True), "full": ("full", False)}
+    for name, f in paper.items():
+        mode, sp = ours[name]
+        color = colors[mode]
+        ax2.plot(ts, [f(t) / 2**30 for t in ts], "--", color=color,
+                 marker="x" if sp else "+", label=f"Korthikanti Table 2: {name}")
+        ax2.plot(ts, [2 * activation_elements(B, S, H, A, t, sequence_parallel=sp,
+                                              recompute=mode) / 2**30 for t in ts],
+                 "-", color=color, alpha=0.7, label=f"simpar (16-bit): {name}")
+    ax2.set_title("GPT-3 175B layer (s=2048 h=12288 a=96, b=1), 16-bit", fontsize=9)
+    ax2.set_ylabel("GiB saved per layer per device")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("tensor-parallel size t")
+        ax.set_xticks(ts)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    ax1.legend(fontsize=6, ncol=2)
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def mixed_precision_loss(curves: dict, below: dict, title: str):
+    """Left: the loss per step of float32, bfloat16 and float16 runs (same model,
+    data and seed).  Right: per step, the fraction of gradient elements below the
+    dtype's normal range (float16: 2⁻¹⁴) — without loss scaling many float16
+    gradients lose precision or flush to zero (Micikevicius et al. 2018, Fig. 3)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = ["-", "--", ":", "-."]
+    for i, (label, losses) in enumerate(curves.items()):
+        ax1.plot(range(len(losses)), losses, styles[i % 4], lw=1.2, label=label)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss (nats)")
+    ax1.set_title(title, fontsize=9)
+    ax1.legend(fontsize=7)
+    for i, (label, frac) in enumerate(below.items()):
+        ax2.plot(range(len(frac)), 100 * np.asarray(frac), styles[i % 4], lw=1.2, label=label)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("% of gradient elements below the normal range")
+    ax2.set_title("gradient underflow (zero or subnormal in their dtype)", fontsize=9)
+    ax2.legend(fontsize=7)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

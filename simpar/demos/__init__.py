@@ -9,5 +9,8 @@
 * :mod:`.hybrid` — every hybrid layout trains the same model (``hybrid_loss.png``);
 * :mod:`.zero` — ZeRO stages 0-3: ledger bytes per rank and bytes per step against
   ZeRO §5 and §7 (``python -m simpar zero``, ``zero_memory.png``);
+* :mod:`.memory` — activation recomputation against Korthikanti Table 2 and mixed
+  precision's losses and bytes (``python -m simpar memory``,
+  ``activation_memory.png``, ``mixed_precision_loss.png``);
 * :mod:`.common` — the options every demo shares.
 """

@@ -32,6 +32,8 @@ FIGURES = {
     "ep_load.png": "expert_parallel",
     "hybrid_loss.png": "hybrid",
     "zero_memory.png": "zero",
+    "activation_memory.png": "memory",
+    "mixed_precision_loss.png": "memory",
     "cp_ring_overlap.png": "context_parallel",
     "cp_ring_vs_ulysses.png": "context_parallel",
 }
@@ -39,6 +41,7 @@ FIGURES = {
 # ledger or a seeded training run: the same bytes every run
 DETERMINISTIC = ("tp_comm_volume.png", "tp_memory.png", "pp_schedules.png", "pp_bubble.png",
                  "ep_load.png", "hybrid_loss.png", "zero_memory.png",
+                 "activation_memory.png", "mixed_precision_loss.png",
                  "cp_ring_overlap.png", "cp_ring_vs_ulysses.png")
 
 

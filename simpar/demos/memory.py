@@ -1,0 +1,121 @@
+"""Where activation memory goes, and what recomputation and 16 bits do to it:
+``python -m simpar memory``.
+
+1. **Recomputation** (Korthikanti et al. 2022, Table 2, §5): one transformer layer
+   cut over ``t`` ∈ {1, 2, 4, 8} threads ranks, with and without sequence
+   parallelism, recompute none / selective / full; the memory ledger's saved
+   bytes after the forward beside simpar's formula
+   (:func:`simpar.parallel.tensor.activation_elements`), and the paper's rows for
+   a GPT-3 175B layer → ``activation_memory.png``.
+2. **Mixed precision** (Micikevicius et al. 2018): ``--steps`` steps (default 200)
+   of a small GPT on the shipped corpus in float32, bfloat16, float16 with
+   dynamic loss scaling and float16 without it; final losses, bytes per
+   parameter (2 + 2 + 12 = 16 with float32 masters and Adam state), and the
+   fraction of gradients below float16's normal range → ``mixed_precision_loss.png``.
+
+Every number comes from the ledger or from seeded threads runs, so the figures
+are the same every run.  Each part runs in threads worlds of its own sizes,
+whatever ``--world-size`` and ``--backend`` say.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .common import demo_parser
+
+B, S, H, A = 2, 16, 32, 8            # the demo layer: h and a divisible by t = 8
+MODEL = dict(seq_len=32, n_layer=2, n_head=2, d_model=32)
+
+
+def layer_bytes(comm, sp: bool, mode: str) -> int:
+    """Activation bytes the ledger holds after one layer's forward on this rank."""
+    from ..nn import TransformerBlock
+    from ..parallel.tensor import ParallelTransformerBlock
+    blk = TransformerBlock(H, A, 4 * H, rng=0)
+    tp = comm.split(0, comm.rank, name="tp")
+    par = ParallelTransformerBlock.from_reference(blk, tp, sp)
+    par.set_recompute(mode)
+    x = np.random.default_rng(1).standard_normal((B, S // tp.size if sp else S, H))
+    led = comm.tracer.memory
+    before = led.current.get("activations", 0)
+    par.forward(x, key=0)
+    saved = led.current["activations"] - before
+    par.clear_saved()
+    return saved
+
+
+def recompute_rows() -> list[dict]:
+    import simpar
+    from ..parallel.tensor import activation_elements
+    rows = []
+    print(f"activation bytes per layer per device (b={B} s={S} h={H} a={A}, float64): "
+          "ledger / formula")
+    print(f"{'t':>3} {'SP':>3} | {'none':>15} {'selective':>15} {'full':>13}")
+    for t in (1, 2, 4, 8):
+        for sp in (False, True):
+            cells = []
+            for mode in ("none", "selective", "full"):
+                got = simpar.launch(lambda c: layer_bytes(c, sp, mode), t)[0]
+                want = 8 * activation_elements(B, S, H, A, t, sequence_parallel=sp,
+                                               recompute=mode)
+                rows.append({"t": t, "sp": sp, "recompute": mode, "ledger": got,
+                             "formula": want})
+                cells.append(f"{got:>6} / {want:<6}")
+            print(f"{t:>3} {'yes' if sp else 'no':>3} | " + " ".join(cells))
+    return rows
+
+
+def precision_runs(steps: int) -> dict:
+    import simpar
+    from ..comm.mesh import ParallelConfig
+    from ..train import train
+    runs = {"fp32": {"precision": "fp32"}, "bf16": {"precision": "bf16"},
+            "fp16, loss scaling": {"precision": "fp16"},
+            "fp16, no loss scaling": {"precision": "fp16", "loss_scaling": False}}
+    out = {}
+    for label, kw in runs.items():
+        def job(comm, kw=kw):
+            r = train(comm, ParallelConfig(), steps=steps, model=MODEL, log_every=0, **kw)
+            n = sum(p.size for p in r["model"].parameters().values())
+            m = comm.tracer.memory.current
+            state = sum(m.get(k, 0) for k in ("params", "grads", "optimizer")) / n
+            return {k: r[k] for k in ("loss", "zero_grads", "skipped", "loss_scale")} | \
+                {"bytes_per_param": state}
+        out[label] = simpar.launch(job, 1)[0]
+        r = out[label]
+        below = np.mean([z + s for z, s in r["zero_grads"]])
+        print(f"{label:22s} final loss {np.mean(r['loss'][-10:]):.4f} | "
+              f"{r['bytes_per_param']:.0f} bytes/param | gradients below the normal range "
+              f"{below:6.2%} | skipped {r['skipped']} | loss scale {r['loss_scale']:g}",
+              flush=True)
+    return out
+
+
+def main(argv=None) -> dict:
+    from .. import viz
+    ap = demo_parser("python -m simpar memory", __doc__)
+    ap.add_argument("--steps", type=int, default=200, help="training steps per precision "
+                    "(default 200)")
+    args = ap.parse_args(argv)
+    rows = recompute_rows()
+    assert all(r["ledger"] == r["formula"] for r in rows), "ledger differs from the formula"
+    path = viz.save(viz.activation_memory(rows, B, S, H, A),
+                    os.path.join(args.out, "activation_memory.png"))
+    print(f"wrote {path}")
+    runs = precision_runs(args.steps)
+    ref = np.mean(runs["fp32"]["loss"][-10:])
+    worst = max(abs(np.mean(r["loss"][-10:]) - ref) / ref
+                for k, r in runs.items() if k != "fp16, no loss scaling")
+    path = viz.save(viz.mixed_precision_loss(
+        {k: r["loss"] for k, r in runs.items()},
+        {k: [z + s for z, s in r["zero_grads"]] for k, r in runs.items()},
+        f"{args.steps} steps, small GPT: bf16 and fp16 (loss scaling) within "
+        f"{worst:.2%} of fp32"), os.path.join(args.out, "mixed_precision_loss.png"))
+    print(f"wrote {path}")
+    return {"rows": rows, "runs": runs}
+
+
+if __name__ == "__main__":
+    main()
