@@ -249,6 +249,9 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
     half = precision is not None and is_half(precision_dtype(precision))
     if precision is not None:
         dtype = precision_dtype(precision)
+    if half and moe_experts:
+        raise ValueError(f"precision={precision!r} with MoE layers (moe_experts={moe_experts}) "
+                         "is not supported yet: the router runs in the model dtype")
     if half and (zero or save or resume):
         raise ValueError(f"precision={precision!r} with ZeRO, --save or --resume is not "
                          f"supported yet (zero={zero}, save={save!r}, resume={resume!r})")

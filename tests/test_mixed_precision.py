@@ -173,9 +173,10 @@ def test_underflow_counts_zero_and_subnormal():
 def test_train_precision_options_and_errors():
     out = _run(2, precision="bf16")
     assert len(out["loss"]) == 2 and out["mfu_machine"] > 0 and out["hfu_sim"] > 0
-    with pytest.raises(ValueError, match="not supported yet"):
-        simpar.launch(lambda c: train(c, ParallelConfig(dp=2), steps=1, batch_size=4,
-                                      precision="fp16", zero=1, log_every=0), 2, timeout=60)
+    for bad in ({"zero": 1}, {"moe_experts": 4}):
+        with pytest.raises(ValueError, match="not supported yet"):
+            simpar.launch(lambda c: train(c, ParallelConfig(dp=2), steps=1, batch_size=4,
+                                          precision="fp16", log_every=0, **bad), 2, timeout=60)
 
 
 @pytest.mark.parametrize("n", [2, 4])
