@@ -93,3 +93,38 @@ ERROR_CASES = {
     "ranks disagree on scheme": "'ulysses'",
     "unknown scheme": "'zigzag'",
 }
+
+
+def core_checks(comm, cluster=None) -> dict[str, bool]:
+    """The tracer's messages, bytes and simulated step of one ring and one Ulysses
+    core (forward + backward) on ``comm`` against :mod:`simpar.formulas`; for the
+    MPI script (the threads tests check each in detail)."""
+    from simpar import formulas
+    from simpar.parallel import context as C
+    b, s, h, nh, block, P = 1, 16 * comm.size, 24, 12, 4, comm.size
+    out = {}
+    for scheme in ("ring", "ulysses"):
+        rng = np.random.default_rng(comm.rank)
+        q, k, v, dy = (rng.standard_normal((b, s // P, h)) for _ in range(4))
+        comm.barrier()
+        comm.tracer.reset()
+        if scheme == "ring":
+            _, c = C.ring_attention_forward(q, k, v, nh, comm, True, block)
+            C.ring_attention_backward(dy, c, comm)
+            fwd, bwd = formulas.ring_attention_comm_elements(b, s, h, P)
+            sent = sum(e.nbytes for e in comm.tracer.events if e.name == "send")
+            out["ring bytes"] = sent == 8 * (fwd + bwd)
+            t = formulas.ring_attention_time(b, s, h, P, block, comm.tracer.cluster.device.flops,
+                                             comm.link, itemsize=8)
+        else:
+            _, c = C.ulysses_attention_forward(q, k, v, nh, comm, False, block)
+            C.ulysses_attention_backward(dy, c, comm)
+            a2a = [e for e in comm.tracer.events if e.name == "all_to_all"]
+            moved = formulas.ulysses_comm_elements(b, s, h, P)
+            out["ulysses all-to-alls"] = len(a2a) == 8 and all(
+                e.nbytes * (P - 1) / P == 8 * moved for e in a2a)
+            t = formulas.ulysses_attention_time(b, s, h, P, block,
+                                                comm.tracer.cluster.device.flops, comm.link,
+                                                itemsize=8)
+        out[f"{scheme} clock"] = abs(comm.tracer.sim_now - sum(t)) <= 1e-12 * sum(t)
+    return out

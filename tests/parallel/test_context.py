@@ -15,8 +15,8 @@ from simpar.nn import blockwise as BW
 from simpar.parallel import context as C
 from simpar.testing import TOL, worst
 from tests.mpi_util import run_mpi
-from tests.parallel.context_checks import (B, ERROR_CASES, H, LAYER_CASES, NH, S, error_case,
-                                           layer_errors, positions_table, reference)
+from tests.parallel.context_checks import (B, ERROR_CASES, H, LAYER_CASES, NH, S, core_checks,
+                                           error_case, layer_errors, positions_table)
 
 IDS = [f"{s}-{'balanced' if b else 'contiguous'}-tile{t}" for s, b, t in LAYER_CASES]
 
@@ -73,6 +73,9 @@ def test_layer_equals_reference_and_errors_mpi(n):
             if ln.startswith("worst ")}
     assert len(seen) == len(LAYER_CASES), out.stdout + out.stderr
     assert all(v <= TOL for v in seen.values()), seen
+    formulas_said = [ln for ln in out.stdout.splitlines() if ln.startswith("formula ")]
+    assert len(formulas_said) == 4 * n and all(ln.endswith(": ok") for ln in formulas_said), \
+        formulas_said
     cases = [ln for ln in out.stdout.splitlines() if ln.startswith("case ")]
     assert len(cases) == n * len(ERROR_CASES), out.stdout
     for case, match in ERROR_CASES.items():
@@ -87,6 +90,12 @@ def test_bad_input_fails_on_every_rank_before_any_message(case):
     assert all(ERROR_CASES[case] in m and "[events 0]" in m for m in msgs), msgs
     if case == "ranks disagree on scheme":
         assert all("rank 0: ('ring'" in m and "rank 1: ('ulysses'" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+def test_core_checks_threads(cp):
+    for checks in simpar.launch(lambda c: core_checks(c), cp):
+        assert all(checks.values()), checks
 
 
 def test_check_context_needs_no_communicator():
@@ -161,7 +170,6 @@ def test_causal_work_per_rank_balanced_and_naive(balanced):
 @pytest.mark.parametrize("scheme", ["ring", "ulysses"])
 def test_activation_memory_falls_as_one_over_cp(scheme):
     b, s, h, nh = 1, 48, 24, 12
-    from simpar import trace
     from simpar.nn import CausalSelfAttention
 
     def held(comm):
@@ -176,8 +184,13 @@ def test_activation_memory_falls_as_one_over_cp(scheme):
         for got, scores in simpar.launch(held, cp):
             assert got == 8 * formulas.context_attention_activation_elements(b, s, h, nh, cp)
             assert 0 < scores <= 2 * (nh // (cp if scheme == "ulysses" else 1)) * 4 * 4 * 8
-    with trace.untraced():
-        pass
+
+    def plain(comm):                        # the reference keeps the s² probabilities too
+        attn = CausalSelfAttention(h, nh, rng=0)
+        base = comm.tracer.memory.current.get("activations", 0)
+        attn.forward(np.random.default_rng(0).standard_normal((b, s, h)))
+        return comm.tracer.memory.current["activations"] - base
+    assert simpar.launch(plain, 1)[0] == 8 * (5 * b * s * h + nh * b * s * s)
 
 
 @pytest.mark.parametrize("cp", [2, 4])

@@ -8,7 +8,8 @@ import sys
 
 from simpar.comm import mpi
 from simpar.testing import worst
-from tests.parallel.context_checks import ERROR_CASES, LAYER_CASES, error_case, layer_errors
+from tests.parallel.context_checks import (ERROR_CASES, LAYER_CASES, core_checks, error_case,
+                                           layer_errors)
 
 
 def say(line: str) -> None:
@@ -23,6 +24,9 @@ def main() -> None:
         err = worst(layer_errors(world, scheme, balanced, block))
         if world.rank == 0:
             say(f"worst {scheme}-{balanced}-{block} {err!r}")
+        world.barrier()
+    for what, ok in core_checks(world).items():
+        say(f"formula {world.rank} {what}: {'ok' if ok else 'MISMATCH'}")
         world.barrier()
     for case in ERROR_CASES:
         msg = error_case(world, case)
