@@ -8,7 +8,9 @@
   :func:`pipeline_timeline`, :func:`pipeline_bubble`;
 * **tensor parallelism**: bytes per layer (:func:`tp_comm_volume`) and saved
   activations (:func:`tp_memory`) against the formulas;
-* **expert parallelism**: tokens per expert while training (:func:`expert_load`).
+* **expert parallelism**: tokens per expert while training (:func:`expert_load`);
+* **context parallelism**: ring attention's overlap and load balance
+  (:func:`cp_ring_overlap`), ring against Ulysses (:func:`cp_ring_vs_ulysses`).
 
 Every function returns a matplotlib figure (or draws into an ``ax``); the demos
 only compute and print.  :func:`save` writes a PNG without a timestamp or
