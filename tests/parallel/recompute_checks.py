@@ -22,6 +22,9 @@ LAYOUTS = {
                                {"schedule": "zb-h1", "sequence_parallel": True}, m=4),
     "zb-h1 pp2xdp2": Layout("zb-h1 pp2xdp2", P(dp=2, pp=2), {"schedule": "zb-h1"}, m=4),
     "moe pp2xep2": Layout("moe pp2xep2", P(dp=2, pp=2, ep=2), moe=True, m=2),
+    "interleaved vpp2 pp2xdp2": Layout("interleaved vpp2 pp2xdp2", P(dp=2, pp=2, vpp=2),
+                                       {"schedule": "interleaved"}, m=4),
+    "cp2 ring xdp2": Layout("cp2 ring xdp2", P(dp=2, cp=2), {"context_parallel": "ring"}),
 }
 MODES = ("none", "selective", "full")
 STEPS = 2

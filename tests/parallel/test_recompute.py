@@ -20,6 +20,8 @@ def test_recompute_bit_for_bit_threads(name):
         peak = {m: res[m][1] for m in MODES}
         if "zb-h1" in name:     # W keeps every linear layer's input until it runs
             assert peak["full"] <= peak["none"] and peak["selective"] <= peak["none"], peak
+        elif "cp" in name:      # blockwise attention keeps no scores: nothing to select
+            assert peak["full"] < peak["selective"] == peak["none"], (rank, peak)
         else:
             assert peak["full"] < peak["selective"] < peak["none"], (rank, peak)
 
