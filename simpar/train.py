@@ -252,9 +252,11 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
     if half and moe_experts:
         raise ValueError(f"precision={precision!r} with MoE layers (moe_experts={moe_experts}) "
                          "is not supported yet: the router runs in the model dtype")
-    if half and (zero or save or resume):
-        raise ValueError(f"precision={precision!r} with ZeRO, --save or --resume is not "
-                         f"supported yet (zero={zero}, save={save!r}, resume={resume!r})")
+    if half and (save or resume or (zero and precision != "bf16")):
+        raise ValueError(f"precision={precision!r} with --save/--resume, or fp16 (loss "
+                         f"scaling) with ZeRO, is not supported yet (zero={zero}, "
+                         f"save={save!r}, resume={resume!r})")
+    sharded_mp = half and zero > 0      # bf16 + ZeRO: the shards' float32 masters
     check_zero(zero, layout, moe=bool(moe_experts), sequence_parallel=sequence_parallel,
                overlap=overlap)
     if layout.cp > 1 and zero:
@@ -281,7 +283,14 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
                          context_parallel=attention,
                          overlap=overlap, bucket_bytes=bucket_bytes, recompute=recompute)
     del ref
-    if half:                # 16-bit model, float32 masters and moments, agreed overflow checks
+    if sharded_mp:          # ZeRO over float32 masters + moments of the owned shard
+        from .mixed_precision import MixedPrecisionOptimizer
+        from .parallel import zero as zero_mod
+        zero_mod.OPTIMIZERS.setdefault("adamw-mp", MixedPrecisionOptimizer)
+        opt = DistributedOptimizer(hybrid, zero, "adamw-mp", lr=lr, weight_decay=weight_decay,
+                                   comm=comm)
+        half = False                    # the loop below: ZeRO's clip and step
+    elif half:              # 16-bit model, float32 masters and moments, agreed overflow checks
         from . import trace as _trace
         from .mixed_precision import MixedPrecisionOptimizer, default_scaler
         params = hybrid.parameters()

@@ -208,3 +208,21 @@ def test_zero_stages_with_master_weights_follow_zero_section_5_to_the_byte(n, mo
         for total, moved in simpar.launch(lambda c: job(c, stage), n, timeout=60):
             assert total == formulas.zero_memory_bytes(psi, n, stage), (stage, total)
             assert moved
+
+
+def test_train_bf16_with_zero_stages():
+    """``train(precision="bf16", zero=1..3)``: ZeRO over float32 masters; the
+    model state per rank is §5's, and the losses follow the unsharded bf16 run."""
+    from simpar import formulas
+
+    def job(comm, stage):
+        out = train(comm, ParallelConfig(dp=2), steps=3, batch_size=4, model=SMALL,
+                    precision="bf16", zero=stage, log_every=0)
+        n = GPT(out["model"].config).num_parameters()
+        m = comm.tracer.memory.current
+        return out["loss"], sum(m.get(k, 0) for k in ("params", "grads", "optimizer")), n
+    base = simpar.launch(lambda c: job(c, 0), 2, timeout=60)[0][0]
+    for stage in (1, 2, 3):
+        for losses, state, n in simpar.launch(lambda c: job(c, stage), 2, timeout=60):
+            np.testing.assert_allclose(losses, base, rtol=2e-3)
+            assert state == formulas.zero_memory_bytes(n, 2, stage), (stage, state)
