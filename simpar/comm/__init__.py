@@ -6,6 +6,13 @@
   dp x tp x pp (x ep) grid.
 
 :func:`run` starts a function on every rank of whichever world is available.
+
+Trust (README "Communication"): the ranks of a collective must make the same
+call (op, dtype, shape), checked always with a fingerprint in the arrival
+exchange; :meth:`Comm.agree` checks any small value the same way; a NaN in a
+max/min all-reduce is NaN on every rank; a deadlock raises
+:class:`DeadlockError` naming what each rank waits for (threads: exactly, at
+once; MPI: a watchdog, ``SIMPAR_WATCHDOG_S``); an MPI failure is printed once.
 """
 from __future__ import annotations
 

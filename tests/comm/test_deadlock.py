@@ -145,7 +145,7 @@ def test_mpi_watchdog_reports_and_ends_the_job(name):
     assert "waited more than 2 s (SIMPAR_WATCHDOG_S=2)" in out
     for n in MPI_NEEDLES[name]:
         assert n in out, (n, out)
-    assert took < 10, took
+    assert took < 20, took
     assert "Traceback" not in out
 
 
@@ -156,7 +156,7 @@ def test_mpi_run_timeout_is_honoured():
     assert out.count("simpar watchdog") == 1, out
     assert "rank 1: no answer (computing" in out, out
     assert "rank 0: barrier on world (waiting" in out, out
-    assert took < 8, took
+    assert took < 20, took
 
 
 @pytest.mark.mpi
@@ -165,4 +165,4 @@ def test_mpi_early_return_is_a_clear_error():
     assert "rank 2: finished (fn returned; run gathers the results)" in out, out
     assert "ranks 0, 1: all_reduce op=sum float64 (2,)" in out, out
     assert out.count("Traceback") == 1, out
-    assert took < 10, took
+    assert took < 20, took
