@@ -26,3 +26,14 @@ def run_mpi(n: int, *args: str, timeout: float = 120, env: dict | None = None
                 "SIMPAR_CHECK": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([mpiexec(), "-n", str(n), sys.executable, *args], cwd=ROOT,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def reported_errors(stdout: str, sep: str = " ") -> dict[str, float]:
+    """``{name: error}`` from the ``worst <name><sep><error>`` lines an
+    equivalence script prints on rank 0."""
+    seen = {}
+    for line in stdout.splitlines():
+        if line.startswith("worst "):
+            name, err = line[6:].rsplit(sep, 1)
+            seen[name] = float(err)
+    return seen

@@ -13,7 +13,7 @@ import pytest
 
 import simpar
 from simpar.testing import TOL, worst
-from tests.mpi_util import run_mpi
+from tests.mpi_util import reported_errors, run_mpi
 from tests.parallel.context_hybrid_checks import (BAD, CP_BY_NAME, CP_LAYOUTS, CP_MORE,
                                                   bad_case)
 from tests.parallel.hybrid_checks import errors, reference_run, train_layout
@@ -45,11 +45,7 @@ for _name in MPI_NAMES:
 def test_cp_layouts_equal_reference_mpi(n):
     out = run_mpi(n, SCRIPT, *MPI_RUNS[n], timeout=400)
     assert out.returncode == 0, out.stdout + out.stderr
-    seen = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("worst "):
-            name, err = line[6:].rsplit("|", 1)
-            seen[name] = float(err)
+    seen = reported_errors(out.stdout, sep="|")
     assert set(seen) == set(MPI_RUNS[n]), out.stdout + out.stderr
     assert all(v <= TOL for v in seen.values()), seen
 

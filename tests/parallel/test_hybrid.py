@@ -16,7 +16,7 @@ from simpar.nn import GPT, GPTConfig
 from simpar.parallel.hybrid import build_model, check_layout
 from simpar.parallel.tensor.accounting import ring_bytes
 from simpar.testing import TOL, worst
-from tests.mpi_util import run_mpi
+from tests.mpi_util import reported_errors, run_mpi
 from tests.parallel.hybrid_checks import (BY_NAME, LAYOUTS, Layout, errors, make_reference,
                                           reference_run, train_layout)
 
@@ -42,11 +42,7 @@ for _lay in LAYOUTS:
 def test_layouts_equal_reference_mpi(n):
     out = run_mpi(n, SCRIPT, *MPI_RUNS[n], timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    seen = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("worst "):
-            name, err = line[6:].rsplit(" ", 1)
-            seen[name] = float(err)
+    seen = reported_errors(out.stdout)
     assert set(seen) == set(MPI_RUNS[n]), out.stdout + out.stderr
     bad = {k: v for k, v in seen.items() if not v <= TOL}
     assert not bad, bad

@@ -17,7 +17,7 @@ from simpar.parallel.hybrid import build_model
 from simpar.parallel.tensor.accounting import ring_bytes
 from simpar.parallel.zero import DistributedOptimizer
 from simpar.testing import TOL, worst
-from tests.mpi_util import run_mpi
+from tests.mpi_util import reported_errors, run_mpi
 from tests.parallel.hybrid_checks import Layout, errors, make_reference
 from tests.parallel import zero_checks
 from tests.parallel.zero_checks import BY_NAME, CASES, ZeroCase, reference_run, train_zero
@@ -45,11 +45,7 @@ for _c in CASES:
 def test_zero_equals_reference_mpi(n):
     out = run_mpi(n, SCRIPT, *MPI_RUNS[n], timeout=400)
     assert out.returncode == 0, out.stdout + out.stderr
-    seen = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("worst "):
-            name, err = line[6:].rsplit(" ", 1)
-            seen[name] = float(err)
+    seen = reported_errors(out.stdout)
     assert set(seen) == set(MPI_RUNS[n]), out.stdout + out.stderr
     assert all(v <= TOL for v in seen.values()), seen
 
