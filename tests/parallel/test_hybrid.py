@@ -48,27 +48,23 @@ def test_layouts_equal_reference_mpi(n):
     assert not bad, bad
 
 
-def test_negative_controls_fail():
+def test_negative_controls_fail(monkeypatch):
     """The check is not blind: wrong MoE grouping, a skipped gradient sum and a
     NaN in one parameter are each caught."""
+    from tests.parallel import hybrid_checks as hc
     lay = BY_NAME["moe ep2 in dp4 (edp2)"]
     got = simpar.launch(lambda c: train_layout(c, lay), lay.world_size, timeout=120)[0]
     assert worst(errors(got, reference_run(lay, groups=1))) > 1e-6   # aux weighted wrongly
 
-    def no_expert_sum(comm):
-        from tests.parallel import hybrid_checks as hc
-        orig = hc.build_model
+    orig = hc.build_model
 
-        def build(*a, **k):
-            model = orig(*a, **k)
-            model.buckets = model.buckets[:1]     # drop the edp (expert) bucket sync
-            return model
-        hc.build_model = build
-        try:
-            return train_layout(comm, lay)
-        finally:
-            hc.build_model = orig
-    got = simpar.launch(no_expert_sum, lay.world_size, timeout=120)[0]
+    def build(*a, **k):
+        model = orig(*a, **k)
+        model.buckets = model.buckets[:1]         # drop the edp (expert) bucket sync
+        return model
+    with monkeypatch.context() as patch:          # patched once, not by every rank's thread
+        patch.setattr(hc, "build_model", build)
+        got = simpar.launch(lambda c: train_layout(c, lay), lay.world_size, timeout=120)[0]
     assert worst(errors(got, reference_run(lay))) > 1e-6
     losses, params = simpar.launch(lambda c: train_layout(c, BY_NAME["dp2"]), 2)[0]
     params[sorted(params)[-1]].flat[3] = np.nan                        # not the first key
