@@ -3,6 +3,7 @@
     python benchmarks/reference_step.py [--steps 5] [--profile]
     python benchmarks/reference_step.py --quick     # a tiny model, one step: a smoke test
     python benchmarks/reference_step.py --compare [REV]   # new / old kernels, one run
+    python benchmarks/reference_step.py --torch      # the same step in PyTorch eager, one run
 
 Measures forward + backward + AdamW of the reference model (h=512, s=256, b=8,
 4 layers, 8 heads, vocab 65) and compares its model FLOP/s (3 × forward matmul
@@ -15,6 +16,13 @@ at git revision ``REV`` (default: the last commit before the plain-math split), 
 one run: the old functions are loaded side by side and swapped in for the models'
 kernels on alternate steps, and the ratio of median step times new/old is printed
 (target ≤ 1.02).
+
+``--torch`` runs the same step — same shapes, weights, dtype (float32 and float64),
+one thread — in PyTorch eager (``torch.nn.functional``: layer_norm, a fused causal
+``scaled_dot_product_attention``, tanh GELU, cross_entropy; ``torch.optim.AdamW``),
+checks that both give the same loss, and prints PyTorch's step time over simpar's
+(target ≥ 1.0: simpar at least as fast).  PyTorch is optional (``pip install
+'simpar[bench]'``); without it the benchmark says so and skips the comparison.
 """
 import os
 
@@ -69,8 +77,8 @@ class MatmulProbe:
         return 2.0 * 2048 * 512 * 2048 / float(np.median(times))
 
 
-def make_step(config: GPTConfig = CONFIG, batch: int = BATCH):
-    model = GPT(config, seed=0, dtype=np.float32)
+def make_step(config: GPTConfig = CONFIG, batch: int = BATCH, dtype=np.float32):
+    model = GPT(config, seed=0, dtype=dtype)
     opt = AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
     rng = np.random.default_rng(1)
     idx = rng.integers(0, config.vocab_size, size=(batch, config.seq_len))
@@ -152,6 +160,79 @@ def compare(rev: str, steps: int) -> None:
           f"cpu {med['new'][1] / med['old'][1]:.3f}   (target <= 1.02)")
 
 
+# ------------------------------------------------------------ PyTorch side by side
+def torch_step(model: GPT, idx: np.ndarray, tgt: np.ndarray, lr: float, wd: float):
+    """The reference GPT's training step written in PyTorch eager, with ``model``'s
+    weights and dtype; returns ``step() -> loss``."""
+    import torch
+    import torch.nn.functional as TF
+    c = model.config
+    p = {k: torch.tensor(v, requires_grad=True) for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(p.values(), lr=lr, weight_decay=wd)
+    x_ids, y_ids = torch.tensor(idx), torch.tensor(tgt).reshape(-1)
+    b, s, h, nh = *idx.shape, c.d_model, c.n_head
+
+    def ln(x, name):
+        return TF.layer_norm(x, (h,), p[name + ".gamma"], p[name + ".beta"], 1e-5)
+
+    def heads(t):                                  # (b, s, h) -> (b, nh, s, h/nh)
+        return t.view(b, s, nh, h // nh).transpose(1, 2)
+
+    def forward():
+        x = p["wte"][x_ids] + p["wpe"][:s]
+        for i in range(c.n_layer):
+            blk = f"blocks.{i}."
+            q, k, v = (ln(x, blk + "ln1") @ p[blk + "attn.qkv.W"]
+                       + p[blk + "attn.qkv.b"]).split(h, dim=-1)
+            a = TF.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+            x = x + a.transpose(1, 2).reshape(b, s, h) @ p[blk + "attn.proj.W"] \
+                + p[blk + "attn.proj.b"]
+            f = TF.gelu(ln(x, blk + "ln2") @ p[blk + "mlp.fc1.W"] + p[blk + "mlp.fc1.b"],
+                        approximate="tanh")
+            x = x + f @ p[blk + "mlp.fc2.W"] + p[blk + "mlp.fc2.b"]
+        return ln(x, "ln_f") @ p["lm_head.W"]
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=False)
+        loss = TF.cross_entropy(forward().reshape(b * s, -1), y_ids)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    return step
+
+
+def versus_torch(steps: int, config: GPTConfig = CONFIG, batch: int = BATCH) -> None:
+    """simpar's and PyTorch's step, alternating, float32 and float64, one thread."""
+    try:
+        import torch
+    except ImportError:
+        print("PyTorch is not installed: pip install 'simpar[bench]' (or torch) to compare")
+        return
+    torch.set_num_threads(1)
+    print(f"PyTorch {torch.__version__} eager vs simpar, one thread, h={config.d_model} "
+          f"s={config.seq_len} b={batch} layers={config.n_layer}, median of {steps} steps")
+    for dtype in (np.float32, np.float64):
+        model, ours = make_step(config, batch, dtype)
+        rng = np.random.default_rng(1)
+        idx = rng.integers(0, config.vocab_size, size=(batch, config.seq_len))
+        tgt = rng.integers(0, config.vocab_size, size=(batch, config.seq_len))
+        theirs = torch_step(model, idx, tgt, lr=3e-4, wd=0.01)
+        first = (ours(), theirs())                   # warm-up; the same weights and batch
+        runs = {"simpar": [], "torch": []}
+        for _ in range(steps):
+            runs["simpar"].append(_timed(ours))
+            runs["torch"].append(_timed(theirs))
+        med = {k: float(np.median([r[1] for r in v])) for k, v in runs.items()}
+        last = (runs["simpar"][-1][0], runs["torch"][-1][0])
+        tol = 1e-4 if dtype == np.float32 else 1e-10
+        same = all(abs(a - b) <= tol * abs(b) for a, b in (first, last))
+        print(f"  {np.dtype(dtype).name:8s} loss simpar {first[0]:.6f} -> {last[0]:.6f}, torch "
+              f"{first[1]:.6f} -> {last[1]:.6f} ({'same' if same else 'DIFFERENT'})")
+        print(f"  {'':8s} "
+              f"step simpar {med['simpar'] * 1e3:7.1f} ms  torch {med['torch'] * 1e3:7.1f} ms  "
+              f"torch/simpar {med['torch'] / med['simpar']:.2f}  (target >= 1.0)")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
@@ -160,6 +241,8 @@ def main(argv=None) -> None:
                     help="keep glibc's default allocator thresholds")
     ap.add_argument("--compare", nargs="?", const=OLD_REV, metavar="REV",
                     help=f"time new vs old kernels in one run (default REV {OLD_REV})")
+    ap.add_argument("--torch", action="store_true",
+                    help="the same step in PyTorch eager (if installed), float32 and float64")
     ap.add_argument("--quick", action="store_true",
                     help="a tiny model (h=32, s=16, 1 layer), one step: seconds, no target")
     args = ap.parse_args(argv)
@@ -169,6 +252,9 @@ def main(argv=None) -> None:
     config, batch = (QUICK_CONFIG, QUICK_BATCH) if args.quick else (CONFIG, BATCH)
     if args.quick:
         args.steps = 1
+    if args.torch:
+        versus_torch(max(args.steps, 1), config, batch)
+        return
 
     tuned = simpar.runtime._tuned
     model, step = make_step(config, batch)

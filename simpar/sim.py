@@ -1,6 +1,8 @@
-"""The simulated clock: device and link presets and the alpha-beta cost model.
+"""The simulated clock: one :class:`Clock` per rank, device and link presets, and
+the alpha-beta cost model.
 
-Every rank keeps a virtual time (DESIGN.md §4).  Compute advances it by
+Every rank keeps a virtual time (DESIGN.md §4), held by its :class:`Clock` — the
+one place it is kept and advanced; the communicator and the tracer call it.  Compute advances it by
 ``flops / device.flops``.  A point-to-point message of ``n`` bytes sent at
 virtual time ``t`` arrives at ``t + alpha + n * beta``; the receiver continues at
 ``max(own time, arrival)``.  A collective starts at the latest member's time and
@@ -127,6 +129,65 @@ def this_machine() -> ClusterSpec:
         _THIS_MACHINE = ClusterSpec("this machine", DeviceSpec("this machine (1 core)", flops),
                                     link, link, 1 << 30)
     return _THIS_MACHINE
+
+
+class Clock:
+    """One rank's simulated time: ``now`` on the compute stream and
+    ``stream_free`` on the communication stream (when the rank's last
+    non-blocking collective ends).  Every method returns the interval it
+    covered, ``(start, end)``, for the tracer to record; none reads a wall clock.
+
+    ==================  ==================================================
+    ``compute(flops)``  ``now += flops / device.flops``
+    ``idle_until(t)``   ``now = max(now, t)``  (a wait for a peer)
+    ``collective(...)`` starts at ``start`` (the latest member's ``now``, from
+                        the arrival exchange), lasts its alpha-beta cost
+    ``launch(...)``     the same on the communication stream: ``now`` goes on
+    ``arrival(...)``    a message sent at ``sent_at``: ``sent_at + alpha + n beta``
+    ==================  ==================================================
+    """
+
+    __slots__ = ("cluster", "now", "stream_free")
+
+    def __init__(self, cluster: ClusterSpec | None = None) -> None:
+        self.cluster = cluster if cluster is not None else a100_cluster()
+        self.now = 0.0
+        self.stream_free = 0.0
+
+    def reset(self) -> None:
+        self.now = self.stream_free = 0.0
+
+    def compute(self, flops: float) -> tuple[float, float]:
+        start = self.now
+        self.now = start + compute_time(flops, self.cluster.device)
+        return start, self.now
+
+    def idle_until(self, t: float) -> tuple[float, float] | None:
+        """Idle until ``t``; the idle interval, or ``None`` if ``t`` is past."""
+        if t <= self.now:
+            return None
+        start, self.now = self.now, t
+        return start, t
+
+    def collective(self, kind: str, nbytes: int, size: int, link: LinkSpec, start: float
+                   ) -> tuple[float, float]:
+        """A blocking collective that every member reached by ``start`` (call
+        :meth:`idle_until` first to record the wait)."""
+        begin = max(self.now, start)
+        self.now = begin + collective_time(kind, nbytes, size, link)
+        return begin, self.now
+
+    def launch(self, kind: str, nbytes: int, size: int, link: LinkSpec, start: float
+               ) -> tuple[float, float]:
+        """A non-blocking collective on the communication stream: it starts when
+        every member launched it (``start``) and the stream is free."""
+        begin = max(start, self.stream_free)
+        self.stream_free = begin + collective_time(kind, nbytes, size, link)
+        return begin, self.stream_free
+
+    def arrival(self, sent_at: float, nbytes: int, link: LinkSpec) -> float:
+        """When a message sent at ``sent_at`` arrives."""
+        return sent_at + p2p_time(nbytes, link)
 
 
 PRESETS = {"a100": a100_cluster, "h100": h100_cluster, "ideal": ideal_cluster,

@@ -7,8 +7,9 @@ collective or message; compute regions are recorded with :func:`compute`::
         y = block.forward(x)
 
 Each event carries wall-clock times (``time.perf_counter``; on one machine all
-processes share that clock) and simulated times from the alpha-beta model of
-:mod:`simpar.sim`.  The tracer of the calling thread is found with
+processes share that clock) and simulated times read from the rank's
+:class:`simpar.sim.Clock` (``tracer.clock``), which the tracer and the
+communicator advance; the tracer only records.  The tracer of the calling thread is found with
 :func:`current`, so model code never passes tracers around; with no active
 tracer, :func:`compute`, :func:`alloc` and :func:`free` do nothing.
 
@@ -30,7 +31,7 @@ from . import sim
 CATEGORIES = ("compute", "comm", "idle")
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     rank: int
     category: str          # "compute" | "comm" | "idle"
@@ -78,17 +79,29 @@ class MemoryLedger:
 
 
 class Tracer:
-    """Events and memory of one rank, and its simulated clock ``sim_now``."""
+    """Events and memory of one rank, and its simulated clock (``clock``)."""
 
     def __init__(self, rank: int = 0, cluster: sim.ClusterSpec | None = None,
                  enabled: bool = True) -> None:
         self.rank = rank
-        self.cluster = cluster if cluster is not None else sim.a100_cluster()
+        self.clock = sim.Clock(cluster)
         self.enabled = enabled
         self.events: list[Event] = []
         self.memory = MemoryLedger()
-        self.sim_now = 0.0
-        self.comm_stream_free = 0.0     # when this rank's non-blocking collectives end
+
+    @property
+    def sim_now(self) -> float:
+        """This rank's simulated time (``clock.now``)."""
+        return self.clock.now
+
+    @property
+    def cluster(self) -> sim.ClusterSpec:
+        """The simulated cluster (``clock.cluster``)."""
+        return self.clock.cluster
+
+    @cluster.setter
+    def cluster(self, cluster: sim.ClusterSpec) -> None:
+        self.clock.cluster = cluster
 
     # ------------------------------------------------------------ recording
     def add(self, category: str, name: str, wall_start: float, wall_end: float,
@@ -108,25 +121,22 @@ class Tracer:
         regions nest and may contain communication (a tensor-parallel block):
         ``flops`` should count only the region's own work, not its nested regions'.
         """
-        t0 = time.perf_counter()
-        s0 = self.sim_now
+        t0, s0 = time.perf_counter(), self.clock.now
         yield
-        self.sim_now += sim.compute_time(flops, self.cluster.device)
-        self.add("compute", name, t0, time.perf_counter(), s0, self.sim_now,
-                 flops=flops, args=args)
+        s1 = self.clock.compute(flops)[1]
+        self.add("compute", name, t0, time.perf_counter(), s0, s1, flops=flops, args=args)
 
     def wait_until(self, t: float, name: str = "wait") -> None:
         """Idle on the simulated clock until ``t`` (no-op if already past it)."""
-        if t > self.sim_now:
+        idle = self.clock.idle_until(t)
+        if idle is not None:
             now = time.perf_counter()
-            self.add("idle", name, now, now, self.sim_now, t)
-            self.sim_now = t
+            self.add("idle", name, now, now, *idle)
 
     def reset(self) -> None:
         """Forget events, restart the simulated clock; the ledger is kept."""
         self.events.clear()
-        self.sim_now = 0.0
-        self.comm_stream_free = 0.0
+        self.clock.reset()
 
     # --------------------------------------------------------------- queries
     def select(self, category: str | None = None, name: str | None = None,

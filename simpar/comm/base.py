@@ -7,21 +7,28 @@ contiguous NumPy arrays, named ``_raw_*``.
 
 Every public collective follows the same steps::
 
-    x = as_message(x)                              # dtype check, make contiguous
+    x = as_message(x)                                 # dtype check, make contiguous
     sig = ("all_reduce", op_index, x.dtype, x.shape)  # what this rank calls
-    self._collective("all_reduce", nbytes, run, sig)  # arrival exchange, then run()
+    self._collective(sig, nbytes, run, payload=x)     # arrival exchange, then run()
 
-The **arrival exchange** is one tiny max-all-reduce of
-``[sim time, bytes, NaN flag, h, -h]`` where ``h`` is a 52-bit fingerprint of
-the call (collective, dtype, shape, op / axis / root).  From it every rank
-learns when the collective starts on the simulated clock, how many bytes the
-largest member moves, whether any member's max/min input holds a NaN, and
-whether all members make the same call: they do iff ``max(h) == -max(-h)``.
-Only on a mismatch is there a second exchange (every rank's description of
-its call, pickled: a cold path) so that every rank raises the same
-``ValueError`` naming each rank's call.  The check is always on; it costs no
-extra message.  :meth:`Comm.agree` uses the same exchange for values a parallel
-entry point needs equal on every rank (configurations, schedules, shapes).
+The **arrival exchange** is one all-gather of a fixed-size record per rank::
+
+    [sim time, bytes, NaN flag, h, -h | payload (up to INLINE_BYTES)]
+
+where ``h`` is a 52-bit fingerprint of the call (collective, dtype, shape, op /
+axis / root).  The maximum over the records' heads tells every rank when the
+collective starts on the simulated clock, how many bytes the largest member
+moves, whether any member's max/min input holds a NaN, and whether all members
+make the same call: they do iff ``max(h) == -max(-h)``.  A message of at most
+``INLINE_BYTES`` rides in the payload, so a small collective (a loss, a norm,
+an overflow flag, a 1 KiB all-reduce) is complete after this one exchange,
+reduced locally in rank order; an all-to-all's send counts ride there too.  A
+larger message moves after it, with everyone known present.  Only on a mismatch
+is there a second exchange (every rank's description of its call, pickled: a
+cold path) so that every rank raises the same ``ValueError`` naming each rank's
+call.  The check is always on; it costs no extra message.  :meth:`Comm.agree`
+uses the same exchange for values a parallel entry point needs equal on every
+rank (configurations, schedules, shapes).
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ HALF_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
 DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.int64),
           np.dtype(np.int32)) + HALF_DTYPES
 REDUCE_OPS = ("sum", "max", "min")
+_UFUNC = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 MAX_TAG = 32767                 # MPI guarantees tags up to at least 2**15 - 1
 
 _KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "barrier",
@@ -52,6 +60,10 @@ _KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all
 _KIND_CODE = {k: i for i, k in enumerate(_KINDS)}
 _DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 _MAX_DIMS = 8
+#: messages up to this many bytes ride in the arrival exchange (one exchange in all)
+INLINE_BYTES = 1024
+_HEAD = 5                       # [sim time, bytes, NaN flag, h, -h]
+_RECORD = _HEAD + INLINE_BYTES // 8   # float64 slots of one rank's arrival record
 _ENVELOPE_LEN = 3 + _MAX_DIMS   # [send time, dtype code, ndim, dims...]
 _FP_MASK = (1 << 52) - 1        # fingerprints are integers a float64 holds exactly
 
@@ -143,6 +155,26 @@ class Request:
         return self._result
 
 
+class Arrival:
+    """What the arrival exchange told this rank: when the collective starts on
+    the simulated clock, the largest member's bytes, whether a member flagged a
+    NaN, and — for a message that rode along (``inline``) — every rank's copy."""
+
+    __slots__ = ("start", "nbytes", "nan", "table")
+
+    def __init__(self, start: float, nbytes: int, nan: bool, table: np.ndarray | None) -> None:
+        self.start, self.nbytes, self.nan, self.table = start, nbytes, nan, table
+
+    @property
+    def inline(self) -> bool:
+        return self.table is not None
+
+    def rows(self, dtype, count: int) -> np.ndarray:
+        """Every rank's payload as ``count`` elements of ``dtype``: ``(size, count)``."""
+        n = count * np.dtype(dtype).itemsize
+        return self.table.view(np.uint8)[:, 8 * _HEAD:8 * _HEAD + n].view(dtype)
+
+
 class Comm:
     """A group of ranks.  Subclasses implement the ``_raw_*`` primitives."""
 
@@ -157,6 +189,8 @@ class Comm:
         self.name = name
         self.check = check_enabled() if check is None else check
         self._link_for = None
+        self._record = np.zeros(_RECORD)                 # this rank's arrival record
+        self._record_bytes = self._record.view(np.uint8)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} rank {self.rank}/{self.size}>"
@@ -181,9 +215,8 @@ class Comm:
         each rank's NaN flag rides in the arrival exchange, and only when one is
         set does a second reduction mark the NaN positions."""
         x, out, flag = self._reduce_args(x, op, out)
-        return self._collective("all_reduce", x.nbytes,
-                                lambda nan: self._reduce(x, op, out, nan),
-                                ("all_reduce", REDUCE_OPS.index(op), x.dtype, x.shape), flag)
+        return self._collective(("all_reduce", REDUCE_OPS.index(op), x.dtype, x.shape),
+                                x.nbytes, lambda arr: self._reduce(x, op, out, arr), x, flag)
 
     def iall_reduce(self, x: np.ndarray, op: str = "sum", out: np.ndarray | None = None
                     ) -> Request:
@@ -204,18 +237,12 @@ class Comm:
         x, out, flag = self._reduce_args(x, op, out)
         t = self.tracer
         wall0 = time.perf_counter()
-        launch = max(t.sim_now, t.comm_stream_free)
-        start, nbytes, nan = launch, x.nbytes, False
-        if self.size > 1:
-            start, most, nan = self._arrive(
-                ("iall_reduce", REDUCE_OPS.index(op), x.dtype, x.shape),
-                (launch, float(nbytes), flag))
-            nbytes = int(most)
-        end = start + sim.collective_time("all_reduce", nbytes, self.size, self.link)
-        t.comm_stream_free = end
-        event = t.add("comm", "all_reduce", wall0, wall0, start, end, nbytes=nbytes,
+        arr = self._arrive(("iall_reduce", REDUCE_OPS.index(op), x.dtype, x.shape),
+                           max(t.clock.now, t.clock.stream_free), x.nbytes, flag, x)
+        start, end = t.clock.launch("all_reduce", arr.nbytes, self.size, self.link, arr.start)
+        event = t.add("comm", "all_reduce", wall0, wall0, start, end, nbytes=arr.nbytes,
                       group=self.name, args={"size": self.size, "async": True})
-        self._reduce(x, op, out, nan)
+        self._reduce(x, op, out, arr)
         if event is not None:
             event.wall_end = time.perf_counter()
 
@@ -235,18 +262,29 @@ class Comm:
             raise ValueError(f"all_reduce: out must be a C-contiguous {x.dtype} array of shape "
                              f"{x.shape}, got {getattr(out, 'dtype', type(out))} "
                              f"{getattr(out, 'shape', '')}")
-        # max/min: one pass (np.max propagates NaN); sums propagate NaN by themselves
-        flag = float(op != "sum" and (x.dtype.kind == "f" or x.dtype in HALF_DTYPES)
-                     and x.size > 0 and bool(np.isnan(x.max())))
+        # max/min of a message that moves after the arrival: one pass (np.max
+        # propagates NaN); sums propagate NaN by themselves, and so does an inline reduce
+        flag = float(op != "sum" and x.nbytes > INLINE_BYTES
+                     and (x.dtype.kind == "f" or x.dtype in HALF_DTYPES)
+                     and bool(np.isnan(x.max())))
         return x, out, flag
 
-    def _reduce(self, x: np.ndarray, op: str, out: np.ndarray, nan: bool) -> np.ndarray:
-        """The data of an all-reduce; ``nan``: some member's input holds a NaN."""
+    def _reduce(self, x: np.ndarray, op: str, out: np.ndarray, arr: "Arrival") -> np.ndarray:
+        """The data of an all-reduce, after the arrival exchange ``arr``."""
+        if arr.inline:                      # it rode in the arrival: reduce here
+            parts = arr.rows(x.dtype, x.size)
+            wide = parts.astype(np.float32) if x.dtype in HALF_DTYPES else parts
+            np.copyto(out.reshape(-1), _UFUNC[op].reduce(wide, axis=0), casting="unsafe")
+            return out
         if x.dtype in HALF_DTYPES:                     # in float32, rounded once
             wide = x.astype(np.float32)
-            self._reduce(wide, op, wide, nan)
+            self._raw_reduce(wide, op, wide, arr.nan)
             np.copyto(out, wide, casting="unsafe")
             return out
+        return self._raw_reduce(x, op, out, arr.nan)
+
+    def _raw_reduce(self, x: np.ndarray, op: str, out: np.ndarray, nan: bool) -> np.ndarray:
+        """A backend all-reduce; ``nan``: some member flagged a NaN (max/min)."""
         if not nan:
             return self._raw_all_reduce(x, op, out)
         mask = np.isnan(x).astype(np.int32)            # before out (maybe x) is written
@@ -260,12 +298,15 @@ class Comm:
         x = as_message(x)
         axis = _norm_axis(axis, max(x.ndim, 1))
 
-        def run(_):
-            stacked = self._raw_all_gather(x)                  # (size, *x.shape)
+        def run(arr):
+            if arr.inline:                             # it rode in the arrival
+                stacked = np.array(arr.rows(x.dtype, x.size)).reshape((self.size,) + x.shape)
+            else:
+                stacked = self._raw_all_gather(x)      # (size, *x.shape)
             return np.concatenate(list(stacked), axis=axis) if axis else \
                 stacked.reshape((-1,) + x.shape[1:])
-        return self._collective("all_gather", x.nbytes * self.size, run,
-                                ("all_gather", axis, x.dtype, x.shape))
+        return self._collective(("all_gather", axis, x.dtype, x.shape), x.nbytes * self.size,
+                                run, x)
 
     def reduce_scatter(self, x: np.ndarray, axis: int = 0) -> np.ndarray:
         """Sum over the group, then keep this rank's ``1/size`` slice along ``axis``."""
@@ -274,33 +315,45 @@ class Comm:
         if x.shape[axis] % self.size:
             raise ValueError(f"reduce_scatter: dimension {axis} of shape {x.shape} is not "
                              f"divisible by the group size {self.size}")
+        # bring the scattered axis to the front so each rank's block is contiguous
+        blocks = np.ascontiguousarray(np.moveaxis(x, axis, 0)) if axis else x
 
-        def run(_):
-            # bring the scattered axis to the front so each rank's block is contiguous
-            blocks = np.ascontiguousarray(np.moveaxis(x, axis, 0)) if axis else x
-            if x.dtype in HALF_DTYPES:                 # in float32, rounded once
+        def run(arr):
+            k = blocks.shape[0] // self.size
+            if arr.inline:                  # it rode in the arrival: sum here
+                mine = arr.rows(x.dtype, x.size).reshape((self.size,) + blocks.shape)
+                mine = mine[:, self.rank * k:(self.rank + 1) * k]
+                wide = mine.astype(np.float32) if x.dtype in HALF_DTYPES else mine
+                part = np.add.reduce(wide, axis=0).astype(x.dtype, copy=False)
+            elif x.dtype in HALF_DTYPES:               # in float32, rounded once
                 part = self._raw_reduce_scatter(blocks.astype(np.float32)).astype(x.dtype)
             else:
                 part = self._raw_reduce_scatter(blocks)
             return np.ascontiguousarray(np.moveaxis(part, 0, axis)) if axis else part
-        return self._collective("reduce_scatter", x.nbytes, run,
-                                ("reduce_scatter", axis, x.dtype, x.shape))
+        return self._collective(("reduce_scatter", axis, x.dtype, x.shape), x.nbytes, run,
+                                blocks)
 
     def broadcast(self, x: np.ndarray, root: int = 0) -> np.ndarray:
         """Every rank gets ``root``'s array (all ranks pass an array of that shape)."""
         self._check_rank(root, "root")
         x = as_message(x)
-        return self._collective("broadcast", x.nbytes, lambda _: self._raw_broadcast(x, root),
-                                ("broadcast", root, x.dtype, x.shape))
+
+        def run(arr):
+            if arr.inline:
+                return arr.rows(x.dtype, x.size)[root].reshape(x.shape).copy()
+            return self._raw_broadcast(x, root)
+        return self._collective(("broadcast", root, x.dtype, x.shape), x.nbytes, run, x)
 
     def barrier(self) -> None:
-        self._collective("barrier", 0, lambda _: self._raw_barrier(), ("barrier", 0, None, ()))
+        """Every member has arrived (the arrival exchange is the barrier)."""
+        self._collective(("barrier", 0, None, ()), 0, lambda arr: None)
 
     def all_to_all(self, x: np.ndarray, send_counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Uneven all-to-all along axis 0: rows ``[sum(c[:i]), sum(c[:i+1]))`` of ``x``
         go to rank ``i``.  Returns the received rows (in source-rank order) and
-        the number received from each rank.  Counts are exchanged first.
-        Members must agree on the dtype and on every dimension but the first."""
+        the number received from each rank.  The counts ride in the arrival
+        exchange; the rows follow in one call.  Members must agree on the dtype
+        and on every dimension but the first."""
         x = as_message(x)
         counts = np.asarray(send_counts, dtype=np.int64)
         if counts.shape != (self.size,) or (counts < 0).any():
@@ -310,12 +363,13 @@ class Comm:
             raise ValueError(f"all_to_all: send_counts sum to {int(counts.sum())} but x has "
                              f"shape {x.shape}")
 
-        def run(_):     # counts first, inside the traced region (waiting shows as comm)
-            recv_counts = self._raw_all_to_all_counts(counts)
+        def run(arr):
+            recv_counts = (np.ascontiguousarray(arr.rows(np.int64, self.size)[:, self.rank])
+                           if arr.inline else self._raw_all_to_all_counts(counts))
             return self._raw_all_to_all(x, counts, recv_counts), recv_counts
         # n = the bytes one rank holds; members may differ, the collective lasts for the largest
-        return self._collective("all_to_all", x.nbytes, run,
-                                ("all_to_all", 0, x.dtype, (-1,) + x.shape[1:]))
+        return self._collective(("all_to_all", 0, x.dtype, (-1,) + x.shape[1:]), x.nbytes, run,
+                                counts)
 
     # ====================================================== point-to-point
     def send(self, x: np.ndarray, dst: int, tag: int = 0) -> None:
@@ -331,14 +385,14 @@ class Comm:
         self._check_tag(tag)
         x = as_message(x)
         env = np.zeros(_ENVELOPE_LEN)
-        env[0] = self.tracer.sim_now
+        env[0] = self.tracer.clock.now
         env[1] = DTYPES.index(x.dtype)
         env[2] = x.ndim
         env[3:3 + x.ndim] = x.shape
         wall0 = time.perf_counter()
         h_env = self._raw_isend(env, dst, tag, meta=True)
         h_data = self._raw_isend(x, dst, tag, meta=False)
-        now = self.tracer.sim_now
+        now = self.tracer.clock.now
 
         def finish():
             self._raw_wait(h_env)
@@ -375,14 +429,14 @@ class Comm:
                                  f"expected {shape} {dtype}, but the sender sent {got_shape} "
                                  f"{got_dtype}")
             self._raw_wait(h_data)
+            t = self.tracer
             sent_at = float(env[0])
-            arrival = sent_at + sim.p2p_time(buf.nbytes, self._link_to(src))
-            start = max(self.tracer.sim_now, sent_at)
-            self.tracer.wait_until(start, "wait recv")
-            end = max(start, arrival)
-            self.tracer.sim_now = end
-            self.tracer.add("comm", "recv", wall0, time.perf_counter(), start, end,
-                            nbytes=buf.nbytes, group=self.name, args={"src": src, "tag": tag})
+            arrival = t.clock.arrival(sent_at, buf.nbytes, self._link_to(src))
+            t.wait_until(sent_at, "wait recv")         # idle: not sent before sent_at
+            start = t.clock.now
+            t.clock.idle_until(arrival)                # in transfer (a comm event)
+            t.add("comm", "recv", wall0, time.perf_counter(), start, t.clock.now,
+                  nbytes=buf.nbytes, group=self.name, args={"src": src, "tag": tag})
             return buf
         return Request(finish)
 
@@ -390,10 +444,8 @@ class Comm:
     def split(self, color: int, key: int = 0, name: str | None = None) -> "Comm":
         """Sub-communicator of the ranks passing the same ``color``, ordered by
         ``(key, rank)``.  Every rank of this group must call it."""
-        if self.size > 1:
-            self._arrive(("split", 0, None, ()), (0.0, 0.0, 0.0))
         pair = np.array([color, key], dtype=np.int64)
-        table = self._raw_all_gather(pair)                    # (size, 2)
+        table = self._arrive(("split", 0, None, ()), 0.0, 0, payload=pair).rows(np.int64, 2)
         members = sorted((int(k), r) for r, (c, k) in enumerate(table) if c == color)
         ranks = [r for _, r in members]
         new_rank = ranks.index(self.rank)
@@ -404,15 +456,13 @@ class Comm:
     def gather_objects(self, obj) -> list:
         """Every rank's Python object, on every rank.  Cold path only (pickles
         under MPI): traces and results at the end of a run."""
-        if self.size > 1:
-            self._arrive(("gather_objects", 0, None, ()), (0.0, 0.0, 0.0))
+        self._arrive(("gather_objects", 0, None, ()), 0.0, 0)
         return self._raw_gather_objects(obj)
 
     def _gather_results(self, obj) -> list:
         """``gather_objects`` at the end of ``run``: a rank meeting it while
         others are still in a collective is reported as finished."""
-        if self.size > 1:
-            self._arrive(("gather_objects", 1, None, ()), (0.0, 0.0, 0.0))
+        self._arrive(("gather_objects", 1, None, ()), 0.0, 0)
         return self._raw_gather_objects(obj)
 
     def agree(self, what: str, value: Any) -> Any:
@@ -439,8 +489,7 @@ class Comm:
                     f"checksum {digest.hexdigest()[:8]})"
         else:
             text = shown = repr(value)
-        if self.size > 1:
-            self._arrive(("agree", str(what), text, shown), (0.0, 0.0, 0.0))
+        self._arrive(("agree", str(what), text, shown), 0.0, 0)
         return value
 
     # ============================================================= helpers
@@ -484,16 +533,26 @@ class Comm:
         value = REDUCE_OPS[arg] if label == "op" else arg
         return f"{kind} {label}={value} {dtype} {tuple(shape)}"
 
-    def _arrive(self, sig: tuple, head: tuple) -> tuple:
-        """The arrival exchange: max over the group of ``[*head, h, -h]``.
-
-        ``head`` is ``(sim time, bytes, NaN flag)``; returns their maxima.  If
-        the fingerprints ``h`` differ, every rank raises the same ValueError."""
+    def _arrive(self, sig: tuple, now: float, nbytes: int, flag: float = 0.0,
+                payload: np.ndarray | None = None) -> "Arrival":
+        """The arrival exchange (module docstring): every rank's record
+        ``[now, nbytes, flag, h, -h | payload]``, all-gathered.  ``payload``
+        rides along if it has at most ``INLINE_BYTES``.  If the fingerprints
+        ``h`` differ, every rank raises the same ValueError."""
+        inline = payload is not None and payload.nbytes <= INLINE_BYTES
+        rec = self._record
         h = float(self._fingerprint(sig))
-        r = self._raw_arrive(np.array([*head, h, -h]), sig)
-        if r[3] != -r[4]:
+        rec[:_HEAD] = (now, nbytes, flag, h, -h)
+        if inline:
+            self._record_bytes[8 * _HEAD:8 * _HEAD + payload.nbytes] = \
+                payload.reshape(-1).view(np.uint8)
+        if self.size == 1:
+            return Arrival(now, nbytes, False, rec[None] if inline else None)
+        table = self._raw_arrive(rec, sig)
+        start, most, nan, hmax, hneg = table[:, :_HEAD].max(axis=0).tolist()
+        if hmax != -hneg:
             self._disagree(sig)
-        return r[0], r[1], bool(r[2])
+        return Arrival(start, int(most), bool(nan), table if inline else None)
 
     def _disagree(self, sig: tuple) -> None:
         """Cold path: every rank's call in words, then the same error everywhere."""
@@ -505,40 +564,35 @@ class Comm:
         raise ValueError(f"ranks of {self.name} disagree in a collective call: "
                          + _group_ranks([d for _, _, d in table]))
 
-    def _collective(self, kind: str, nbytes: int, run, sig: tuple, flag: float = 0.0):
+    def _collective(self, sig: tuple, nbytes: int, run, payload: np.ndarray | None = None,
+                    flag: float = 0.0):
         """Simulated clock + tracer around one collective (DESIGN.md §4).
 
         The arrival exchange first (see the module docstring): the collective
         starts at the latest member's time, lasts as long as its largest
         member's message, and runs only if every member makes the same call.
-        Backends wait politely there, so the data itself moves with everyone
-        present.  ``run(nan)`` moves the data (``nan``: a member flagged one)."""
-        t = self.tracer
+        Backends wait politely there, so a message too large to ride along
+        moves with everyone present.  ``run(arrival)`` returns the result."""
+        kind, t = sig[0], self.tracer
         wall0 = time.perf_counter()
-        nan = False
-        if self.size > 1:
-            start, most, nan = self._arrive(sig, (t.sim_now, float(nbytes), flag))
-            nbytes = int(most)
-            if start > t.sim_now:
-                t.wait_until(start, "wait " + kind)
-        else:
-            start = t.sim_now
+        arr = self._arrive(sig, t.clock.now, nbytes, flag, payload)
+        t.wait_until(arr.start, "wait " + kind)
         # bookkeeping before the data moves: Python right after a large
         # transfer runs with cold caches (~10x slower on this machine)
-        end = start + sim.collective_time(kind, nbytes, self.size, self.link)
-        event = t.add("comm", kind, wall0, wall0, start, end, nbytes=nbytes,
+        start, end = t.clock.collective(kind, arr.nbytes, self.size, self.link, arr.start)
+        event = t.add("comm", kind, wall0, wall0, start, end, nbytes=arr.nbytes,
                       group=self.name, args={"size": self.size})
-        out = run(nan)
-        t.sim_now = end
+        out = run(arr)
         if event is not None:
             event.wall_end = time.perf_counter()
         return out
 
     # ============================================== backend primitives
-    def _raw_arrive(self, vec: np.ndarray, sig: tuple) -> np.ndarray:
-        """Element-wise max of a tiny array over the group.  Every member must
-        arrive before a collective's data moves; backends wait here politely
-        (``sig``, the call, names what this rank waits in if it never ends)."""
+    def _raw_arrive(self, record: np.ndarray, sig: tuple) -> np.ndarray:
+        """All-gather every member's arrival ``record`` (``_RECORD`` float64):
+        shape ``(size, _RECORD)``.  Every member must arrive before a
+        collective's data moves; backends wait here politely (``sig``, the
+        call, names what this rank waits in if it never ends)."""
         raise NotImplementedError
 
 

@@ -40,6 +40,7 @@ import time
 import numpy as np
 
 import math
+import threading
 import traceback
 
 from .. import trace
@@ -47,6 +48,7 @@ from .base import HALF_DTYPES, Comm, watchdog_seconds
 
 _SPIN_SECONDS = 2e-3
 _NAP_SECONDS = 2e-4
+_WATCH_PERIOD = 0.1             # seconds between the watchdog thread's looks
 _TAG_PING, _TAG_REPLY, _TAG_FAIL, _TAG_PRINTING = 1, 2, 3, 4   # private control channel
 _MSG_BYTES = 1024
 _yield = getattr(os, "sched_yield", lambda: time.sleep(0))
@@ -95,41 +97,22 @@ class MPIComm(Comm):
         super().__init__(rank, size, world_ranks, tracer, name, check)
         self._c = mpi_comm
         self._meta = mpi_comm.Dup()          # envelopes travel on their own channel
+        self._table = np.empty((size, len(self._record)))   # every rank's arrival record
         self.polite = polite_default(mpi_comm) if polite is None else polite
 
     def _wait(self, req, what) -> None:
-        """Wait for a request.  Polite (ranks > cores): test it in a loop that
-        yields the core to any runnable rank (``sched_yield``) for up to 2 ms,
-        then naps 0.2 ms between tests.  Otherwise spin on ``Test``.  Either
-        way the job's watchdog looks at the clock now and then; ``what()``
-        describes the wait for its report.  Without a watchdog and politeness,
-        a plain blocking ``Wait``."""
+        """Wait for a request; ``what()`` describes the wait for the watchdog's
+        report.  Polite (ranks > cores): :func:`_polite_wait`.  Otherwise MPI's
+        blocking ``Wait`` (MPICH spins inside it, which is fastest when every
+        rank has a core); the watchdog thread watches either way."""
         job = _JOB
-        if job is None or not (job.limit or job.deadline < math.inf):
-            if not self.polite:
-                req.Wait()
-                return
-            job = None
-        t0 = time.perf_counter()
         if job is not None:
-            job.pending, job.since = what, t0
+            job.pending, job.since = what, time.perf_counter()
         try:
             if self.polite:
-                t_end = t0 + _SPIN_SECONDS
-                while time.perf_counter() < t_end:
-                    if req.Test():
-                        return
-                    _yield()
-                while not req.Test():
-                    time.sleep(_NAP_SECONDS)
-                    if job is not None:
-                        job.tick(t0)
+                _polite_wait(req)
             else:
-                n = 0
-                while not req.Test():
-                    n += 1
-                    if not n & 1023:
-                        job.tick(t0)
+                req.Wait()
         finally:
             if job is not None:
                 job.pending = None
@@ -146,11 +129,20 @@ class MPIComm(Comm):
     # that follows is blocking, since every member is already there.  (MPICH's
     # non-blocking collectives progress only inside Test calls: measured 10-20x
     # slower than the blocking ones with 4 ranks on 2 cores.)
-    def _raw_arrive(self, vec, sig):
-        out = np.empty_like(vec)
-        self._wait(self._c.Iallreduce(vec, out, op=_op("max")),
-                   lambda: f"{self._describe(sig)} on {self.name}")
-        return out
+    def _raw_arrive(self, record, sig):
+        table, what = self._table, lambda: f"{self._describe(sig)} on {self.name}"
+        if self.polite:
+            self._wait(self._c.Iallgather(record, table), what)
+            return table
+        job = _JOB
+        if job is not None:                  # the watchdog thread watches this wait
+            job.pending, job.since = what, time.perf_counter()
+        try:
+            self._c.Allgather(record, table)
+        finally:
+            if job is not None:
+                job.pending = None
+        return table
 
     def _raw_all_reduce(self, x, op, out):
         self._c.Allreduce(_op("in_place") if out is x else x, out, op=_op(op))
@@ -215,6 +207,18 @@ class MPIComm(Comm):
         return self._c.allgather(obj)          # pickle-ok: cold path (results, error reports)
 
 
+def _polite_wait(req) -> None:
+    """Test ``req`` in a loop that yields the core to any runnable rank
+    (``sched_yield``) for up to 2 ms, then naps 0.2 ms between tests."""
+    t_end = time.perf_counter() + _SPIN_SECONDS
+    while time.perf_counter() < t_end:
+        if req.Test():
+            return
+        _yield()
+    while not req.Test():
+        time.sleep(_NAP_SECONDS)
+
+
 def _bytes16(x: np.ndarray) -> np.ndarray:
     """A 16-bit float array as the uint16 view MPI can move (mpi4py has no
     bfloat16 datatype); other arrays as they are.  (Reductions never see 16-bit
@@ -261,16 +265,43 @@ class _Job:
         self.reporter: int | None = None     # a rank whose watchdog asked us
         self._ping = np.zeros(1, np.int64)
         self._ping_req = self.ctl.Irecv(self._ping, source=MPI.ANY_SOURCE, tag=_TAG_PING)
+        self._lock = threading.Lock()        # the watchdog thread and a failing main thread
+        self._stop = threading.Event()
+        self._thread = None
+        if self.size > 1:
+            if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+                sys.stderr.write("simpar: MPI was initialised without MPI_THREAD_MULTIPLE; "
+                                 "the watchdog (SIMPAR_WATCHDOG_S, run(timeout=)) is off\n")
+            else:
+                self._thread = threading.Thread(target=self._watch, name="simpar-watchdog",
+                                                daemon=True)
+                self._thread.start()
         import atexit
         atexit.register(self.close)          # runs before mpi4py's MPI_Finalize
 
     def close(self) -> None:
-        """Withdraw the standing receive for questions (a clean MPI_Finalize)."""
+        """Stop the watchdog; withdraw the standing receive for questions (a
+        clean MPI_Finalize)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
         try:
             self._ping_req.Cancel()
             self._ping_req.Wait()
         except Exception:                    # noqa: BLE001 - finalising anyway
             pass
+
+    def _watch(self) -> None:
+        """The watchdog thread: answer other ranks' questions; fire when this
+        rank has waited longer than the limit, or the run passed its timeout."""
+        while not self._stop.wait(_WATCH_PERIOD):
+            self.answer()
+            now, since = time.perf_counter(), self.since
+            if self.limit and self.pending is not None and now - since > self.limit:
+                self.fire(f"rank {self.rank} waited more than {self.limit:g} s "
+                          f"(SIMPAR_WATCHDOG_S={self.limit:g})")
+            elif now > self.deadline:
+                self.fire(f"the run passed its timeout of {self.timeout:g} s on rank {self.rank}")
 
     def doing(self) -> str:
         if self.pending is None:
@@ -281,26 +312,17 @@ class _Job:
         """Answer the watchdog questions that arrived; return who asked."""
         MPI = _mpi()
         asked = []
-        while self._ping_req.Test():
-            src = int(self._ping[0])
-            asked.append(src)
-            if self.reporter is None:
-                self.reporter = src
-            msg = _encode(self.doing())
-            self._keep.append((self.ctl.Isend(msg, dest=src, tag=_TAG_REPLY), msg))
-            self._ping = np.zeros(1, np.int64)
-            self._ping_req = self.ctl.Irecv(self._ping, source=MPI.ANY_SOURCE, tag=_TAG_PING)
+        with self._lock:
+            while self._ping_req.Test():
+                src = int(self._ping[0])
+                asked.append(src)
+                if self.reporter is None:
+                    self.reporter = src
+                msg = _encode(self.doing())
+                self._keep.append((self.ctl.Isend(msg, dest=src, tag=_TAG_REPLY), msg))
+                self._ping = np.zeros(1, np.int64)
+                self._ping_req = self.ctl.Irecv(self._ping, source=MPI.ANY_SOURCE, tag=_TAG_PING)
         return asked
-
-    def tick(self, t0: float) -> None:
-        """From a wait loop: answer questions; fire if a limit is passed."""
-        self.answer()
-        now = time.perf_counter()
-        if self.limit and now - t0 > self.limit:
-            self.fire(f"rank {self.rank} waited more than {self.limit:g} s "
-                      f"(SIMPAR_WATCHDOG_S={self.limit:g})")
-        elif now > self.deadline:
-            self.fire(f"the run passed its timeout of {self.timeout:g} s on rank {self.rank}")
 
     def fire(self, why: str) -> None:
         """Ask every rank what it waits for, print one report, abort the job.
@@ -327,7 +349,7 @@ class _Job:
                 buf[:] = 0
             else:
                 time.sleep(1e-3)
-        lines = [f"  rank {r}: {states.get(r, 'no answer (computing, or in a blocking call)')}"
+        lines = [f"  rank {r}: {states.get(r, 'no answer (its watchdog is off, or it is stuck outside Python)')}"
                  for r in range(self.size)]
         sys.stdout.flush()
         sys.stderr.write(f"simpar watchdog: {why}; ending the job.  Pending operations:\n"
