@@ -17,9 +17,11 @@ A tensor-parallel shard is a few boxes (a column block; three for a fused
 ``[q | k | v]`` weight; vocabulary padding in none); a ZeRO shard cuts the
 flattened local tensor anywhere, and the part of a box inside a flat range is
 again a flat range of the box.  Every element of every tensor is saved exactly
-once (tp-replicated tensors by tp rank 0, dp replicas by their ZeRO owner or dp
-rank 0, routers by ep rank 0, a tied ``wte`` by the first stage); the reader
-checks that the entries cover each tensor exactly once.
+once (tp-replicated tensors by tp rank 0, data replicas — over ``dp × cp``, or
+``edp`` for experts — by their ZeRO owner or the group's rank 0, routers by ep
+rank 0, a tied ``wte`` by the first stage:
+:meth:`~simpar.parallel.hybrid.HybridModel.counted_once`); the reader checks that
+the entries cover each tensor exactly once.
 
 Directory layout (``save(root, ...)``)::
 
@@ -248,12 +250,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _param_pieces(model):
-    """Parameters only, each element once (dp / edp rank 0, :func:`counted_once`)."""
-    from .parallel.zero import counted_once
-    experts, c = model._expert_names(), model.mesh.coords
+    """Parameters only, each element once (:meth:`HybridModel.counted_once`: rank 0
+    of the ``dp × cp`` or ``edp`` replicas, tp rank 0 for replicated tensors, ...)."""
     for name, p in model.parameters().items():
-        owner = (model.mesh.edp.rank if name in experts else c.dp) == 0
-        if owner and counted_once(model, name):
+        if model.counted_once(name):
             yield name, 0, p.size, {"param": p.reshape(-1)}
 
 
