@@ -218,7 +218,7 @@ def save(root, model, optimizer=None, trainer: dict | None = None, *, step: int 
                  "model": {"class": type(model.config).__name__,
                            "config": _config_dict(model.config)},
                  "layout": {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep,
-                            "vpp": cfg.vpp, "world_size": cfg.world_size},
+                            "vpp": cfg.vpp, "cp": cfg.cp, "world_size": cfg.world_size},
                  "optimizer": None if optimizer is None else {
                      "kind": optimizer.kind, "zero": optimizer.stage, "t": optimizer.t,
                      "hyper": _jsonable(optimizer.inner.hyperparameters())},
