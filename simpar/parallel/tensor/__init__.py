@@ -27,7 +27,8 @@ Every layer is cut from a reference module of :mod:`simpar.nn`::
 from .accounting import (activation_elements, korthikanti_activation_bytes,
                          layer_comm_elements, mlp_comm_elements, recompute_flops, ring_bytes)
 from .attention import ParallelAttention
-from .layers import ColumnParallelLinear, RowParallelLinear, TensorParallelModule
+from .layers import (ColumnParallelLinear, RowParallelLinear, TensorParallelModule,
+                     agree_structure)
 from .mappings import (allreduce_sequence_parallel_grads, copy_to_tp_region,
                        copy_to_tp_region_backward, gather_from_sp_region,
                        gather_from_sp_region_backward, gather_from_tp_region,
@@ -50,7 +51,7 @@ __all__ = [
     "gather_from_sp_region", "gather_from_sp_region_backward",
     "reduce_scatter_to_sp_region", "reduce_scatter_to_sp_region_backward",
     "allreduce_sequence_parallel_grads",
-    "TensorParallelModule", "ColumnParallelLinear", "RowParallelLinear",
+    "TensorParallelModule", "agree_structure", "ColumnParallelLinear", "RowParallelLinear",
     "ParallelMLP", "NaiveTensorParallelMLP", "ParallelAttention",
     "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
     "vocab_parallel_cross_entropy_backward", "vocab_range",

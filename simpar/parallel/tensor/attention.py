@@ -37,8 +37,10 @@ class ParallelAttention(TensorParallelModule):
     every token).
     """
 
+    settings = ("h", "n_head", "sequence_parallel")
+
     def __init__(self, h: int, n_head: int, tp: Comm, sequence_parallel: bool = False,
-                 dtype=np.float64, trace_name: str = "attn") -> None:
+                 dtype=np.float64, trace_name: str = "attn", agree: bool = True) -> None:
         super().__init__(tp, sequence_parallel)
         check_divisible("hidden size h", h, tp.size)
         check_divisible("n_head", n_head, tp.size)
@@ -49,18 +51,20 @@ class ParallelAttention(TensorParallelModule):
         self.h_local, self.n_head_local = h // tp.size, n_head // tp.size
         self.qkv = self.add_child("qkv", ColumnParallelLinear(
             h, 3 * h, tp, sequence_parallel=sequence_parallel, parts=3, dtype=dtype,
-            trace_name=f"{trace_name}.qkv"))
+            trace_name=f"{trace_name}.qkv", agree=False))
         self.proj = self.add_child("proj", RowParallelLinear(
             h, h, tp, sequence_parallel=sequence_parallel, dtype=dtype,
-            trace_name=f"{trace_name}.proj"))
+            trace_name=f"{trace_name}.proj", agree=False))
+        if agree:
+            self.agree()
 
     @classmethod
     def from_reference(cls, attn: CausalSelfAttention, tp: Comm,
-                       sequence_parallel: bool = False,
-                       trace_name: str = "attn") -> "ParallelAttention":
+                       sequence_parallel: bool = False, trace_name: str = "attn",
+                       agree: bool = True) -> "ParallelAttention":
         """Cut this rank's heads from a reference :class:`~simpar.nn.CausalSelfAttention`."""
         m = cls(attn.h, attn.n_head, tp, sequence_parallel, attn.qkv.params["W"].dtype,
-                trace_name)
+                trace_name, agree)
         m.qkv.load_reference(attn.qkv)
         m.proj.load_reference(attn.proj)
         m.recompute = getattr(attn, "recompute", "none")

@@ -22,6 +22,9 @@ weight gradient is local to the shard.
 """
 from __future__ import annotations
 
+import hashlib
+from typing import Sequence
+
 import numpy as np
 
 from ... import trace
@@ -75,6 +78,24 @@ def padded_size(n: int, tp: int) -> int:
     return -(-n // tp) * tp
 
 
+# ------------------------------------------------------- agreement over the group
+def agree_structure(tp: Comm, what: str, modules: Sequence[Module]) -> None:
+    """One small exchange over ``tp`` (:meth:`~simpar.comm.Comm.agree`): every rank
+    built ``modules`` with the same settings (configuration, sequence parallelism),
+    dtype and shard shapes — else a ``ValueError`` on every rank naming each
+    rank's.  Called once per model at construction: the parts a model builds for
+    itself are built with ``agree=False``."""
+    shapes = tuple((n, p.shape) for m in modules for n, p in m.parameters().items())
+    dtypes = sorted({str(p.dtype) for m in modules for p in m.parameters().values()})
+    digest = hashlib.blake2b(repr(shapes).encode(), digest_size=4).hexdigest()
+    size = sum(int(np.prod(s, dtype=np.int64)) for _, s in shapes)
+    tp.agree(f"tensor-parallel {what} (settings, dtype, shard shapes)",
+             tuple(m.describe() if isinstance(m, TensorParallelModule) else type(m).__name__
+                   for m in modules)
+             + (f"dtype {'/'.join(dtypes)}", f"{len(shapes)} shards, {size} elements, "
+                                             f"shapes #{digest}"))
+
+
 # --------------------------------------------------------------- the base class
 class TensorParallelModule(Module):
     """A module whose parameters are shards over the tensor-parallel group ``tp``.
@@ -86,11 +107,24 @@ class TensorParallelModule(Module):
     :meth:`finalize_grads` — once per step, after the last backward.
     """
 
+    #: the attributes every rank of ``tp`` must construct equally (:meth:`describe`)
+    settings: tuple[str, ...] = ("sequence_parallel",)
+
     def __init__(self, tp: Comm, sequence_parallel: bool = False) -> None:
         super().__init__()
         self.tp = tp
         self.sequence_parallel = bool(sequence_parallel)
         self._grads_pending = False      # SP gradients not yet summed over tp
+
+    def describe(self) -> str:
+        """``Class(setting=value, ...)``: what the ranks of ``tp`` agree on."""
+        return f"{type(self).__name__}(" + ", ".join(
+            f"{a}={getattr(self, a)!r}" for a in self.settings) + ")"
+
+    def agree(self) -> "TensorParallelModule":
+        """:func:`agree_structure` of this module (and everything in it); returns self."""
+        agree_structure(self.tp, type(self).__name__, [self])
+        return self
 
     # ---- gathering shards back to reference shapes (a collective: all ranks call it)
     def full_tensor(self, name: str, local: np.ndarray) -> np.ndarray:
@@ -163,10 +197,12 @@ class ColumnParallelLinear(TensorParallelModule):
     padding is dropped again by :meth:`full_tensor`.
     """
 
+    settings = ("n_in", "n_out", "parts", "gather_output", "sequence_parallel")
+
     def __init__(self, n_in: int, n_out: int, tp: Comm, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
                  parts: int = 1, pad: bool = False, dtype=np.float64,
-                 trace_name: str = "column") -> None:
+                 trace_name: str = "column", agree: bool = True) -> None:
         super().__init__(tp, sequence_parallel)
         if gather_output and (sequence_parallel or parts > 1 or pad):
             raise ValueError("gather_output works only without sequence_parallel, parts or pad")
@@ -180,6 +216,8 @@ class ColumnParallelLinear(TensorParallelModule):
         self.add_param("W", np.zeros((n_in, self.n_out_padded // tp.size), dtype))
         if bias:
             self.add_param("b", np.zeros(self.n_out_padded // tp.size, dtype))
+        if agree:
+            self.agree()
 
     @classmethod
     def from_reference(cls, linear: Linear, tp: Comm, **options) -> "ColumnParallelLinear":
@@ -247,9 +285,11 @@ class RowParallelLinear(TensorParallelModule):
     (see :meth:`sequence_parallel_grads`).
     """
 
+    settings = ("n_in", "n_out", "input_is_parallel", "sequence_parallel")
+
     def __init__(self, n_in: int, n_out: int, tp: Comm, bias: bool = True,
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
-                 dtype=np.float64, trace_name: str = "row") -> None:
+                 dtype=np.float64, trace_name: str = "row", agree: bool = True) -> None:
         super().__init__(tp, sequence_parallel)
         if sequence_parallel and not input_is_parallel:
             raise ValueError("sequence_parallel needs input_is_parallel=True")
@@ -259,6 +299,8 @@ class RowParallelLinear(TensorParallelModule):
         self.add_param("W", np.zeros((n_in // tp.size, n_out), dtype))
         if bias:
             self.add_param("b", np.zeros(n_out, dtype))
+        if agree:
+            self.agree()
 
     @classmethod
     def from_reference(cls, linear: Linear, tp: Comm, **options) -> "RowParallelLinear":

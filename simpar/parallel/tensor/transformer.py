@@ -79,9 +79,12 @@ class ParallelTransformerBlock(TensorParallelModule):
     tensor-parallel attention and MLP; input/output ``(b, s, h)`` replicated, or
     ``(b, s/t, h)`` sequence shards with ``sequence_parallel``."""
 
+    settings = ("h", "n_head", "d_ff", "sequence_parallel")
+
     def __init__(self, h: int, n_head: int, d_ff: int, tp: Comm,
                  sequence_parallel: bool = False, dtype=np.float64,
-                 trace_name: str = "block", moe: Module | None = None) -> None:
+                 trace_name: str = "block", moe: Module | None = None,
+                 agree: bool = True) -> None:
         super().__init__(tp, sequence_parallel)
         check_divisible("hidden size h", h, tp.size)
         check_divisible("n_head", n_head, tp.size)
@@ -90,23 +93,25 @@ class ParallelTransformerBlock(TensorParallelModule):
             raise ValueError("MoE layers with sequence parallelism are not supported: the "
                              "router's capacity is counted per rank's tokens, so sequence "
                              "shards would route differently (use sequence_parallel=False)")
-        self.h, self.trace_name = h, trace_name
+        self.h, self.n_head, self.d_ff, self.trace_name = h, n_head, d_ff, trace_name
         self.recompute = "none"         # "full": keep the input only, forward again in backward
         sp = sequence_parallel
         self.ln1 = self.add_child("ln1", LayerNorm(h, dtype=dtype))
         self.attn = self.add_child("attn", ParallelAttention(
-            h, n_head, tp, sp, dtype, trace_name=f"{trace_name}.attn"))
+            h, n_head, tp, sp, dtype, trace_name=f"{trace_name}.attn", agree=False))
         self.ln2 = self.add_child("ln2", LayerNorm(h, dtype=dtype))
         if moe is None:                 # the feed-forward: a tensor-parallel MLP ...
             self.ffn = self.mlp = self.add_child("mlp", ParallelMLP(
-                h, d_ff, tp, sp, dtype, trace_name=f"{trace_name}.mlp"))
+                h, d_ff, tp, sp, dtype, trace_name=f"{trace_name}.mlp", agree=False))
         else:                           # ... or an MoE layer, replicated over tp
             self.ffn = self.moe = self.add_child("moe", moe)
+        if agree:
+            self.agree()
 
     @classmethod
     def from_reference(cls, block, tp: Comm, sequence_parallel: bool = False,
                        trace_name: str | None = None, ep: Comm | None = None,
-                       aux_scale: float = 1.0) -> "ParallelTransformerBlock":
+                       aux_scale: float = 1.0, agree: bool = True) -> "ParallelTransformerBlock":
         """Cut this rank's shards from a reference :class:`~simpar.nn.TransformerBlock`
         — or from an :class:`~simpar.nn.MoETransformerBlock`, whose MoE layer
         becomes an :class:`~simpar.parallel.expert.ExpertParallelMoE` over ``ep``
@@ -122,7 +127,7 @@ class ParallelTransformerBlock(TensorParallelModule):
         else:
             d_ff = block.mlp.fc1.n_out
         m = cls(block.h, attn.n_head, d_ff, tp, sequence_parallel,
-                attn.qkv.params["W"].dtype, trace_name or block.trace_name, moe=moe)
+                attn.qkv.params["W"].dtype, trace_name or block.trace_name, moe=moe, agree=agree)
         m.set_recompute(getattr(block, "recompute", "none"))
         return m.load_reference(block)
 
@@ -186,8 +191,10 @@ class ParallelGPT(TensorParallelModule):
     3 all-reduces of ``b·s`` numbers in the loss.
     """
 
+    settings = ("config", "layers", "sequence_parallel")
+
     def __init__(self, config, tp: Comm, sequence_parallel: bool = False,
-                 dtype=np.float64, layers=None, blocks=None) -> None:
+                 dtype=np.float64, layers=None, blocks=None, agree: bool = True) -> None:
         super().__init__(tp, sequence_parallel)
         c = self.config = config
         check_divisible("d_model", c.d_model, tp.size)
@@ -201,19 +208,21 @@ class ParallelGPT(TensorParallelModule):
         self.layers = range(c.n_layer) if layers is None else layers
         if blocks is None:
             blocks = [ParallelTransformerBlock(c.d_model, c.n_head, c.d_ff, tp,
-                                               sequence_parallel, dtype, f"block{i}")
+                                               sequence_parallel, dtype, f"block{i}", agree=False)
                       for i in self.layers]
         self.blocks = [self.add_child(f"blocks.{i}", b) for i, b in zip(self.layers, blocks)]
         self.ln_f = self.add_child("ln_f", LayerNorm(c.d_model, dtype=dtype))
         self.lm_head = None if c.tie_weights else self.add_child(
             "lm_head", ColumnParallelLinear(c.d_model, c.vocab_size, tp, bias=False,
                                             sequence_parallel=sequence_parallel, pad=True,
-                                            dtype=dtype, trace_name="head.lm_head"))
+                                            dtype=dtype, trace_name="head.lm_head", agree=False))
+        if agree:                       # one exchange for the whole model
+            self.agree()
 
     @classmethod
     def from_reference(cls, gpt: GPT, tp: Comm, sequence_parallel: bool = False,
-                       layers=None, ep: Comm | None = None, aux_scale: float = 1.0
-                       ) -> "ParallelGPT":
+                       layers=None, ep: Comm | None = None, aux_scale: float = 1.0,
+                       agree: bool = True) -> "ParallelGPT":
         """Cut this rank's shards from a reference :class:`~simpar.nn.GPT` (or
         :class:`~simpar.nn.MoEGPT`: MoE layers over ``ep``, see
         :meth:`ParallelTransformerBlock.from_reference`).  ``layers``: the blocks
@@ -221,9 +230,10 @@ class ParallelGPT(TensorParallelModule):
         uses them)."""
         layers = range(gpt.config.n_layer) if layers is None else layers
         blocks = [ParallelTransformerBlock.from_reference(gpt.blocks[i], tp, sequence_parallel,
-                                                          ep=ep, aux_scale=aux_scale)
+                                                          ep=ep, aux_scale=aux_scale, agree=False)
                   for i in layers]
-        m = cls(gpt.config, tp, sequence_parallel, gpt.params["wte"].dtype, layers, blocks)
+        m = cls(gpt.config, tp, sequence_parallel, gpt.params["wte"].dtype, layers, blocks,
+                agree)
         m.params["wte"][...] = shard_vocab(gpt.params["wte"], tp)
         m.params["wpe"][...] = gpt.params["wpe"]
         m.ln_f.load_state_dict(gpt.ln_f.state_dict())

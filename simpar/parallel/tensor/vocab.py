@@ -70,12 +70,15 @@ class VocabParallelEmbedding(TensorParallelModule):
     reduce-scatter (Korthikanti et al. 2022 §4.2.2).
     """
 
+    settings = ("vocab_size", "h", "sequence_parallel")
+
     def __init__(self, vocab_size: int, h: int, tp: Comm, sequence_parallel: bool = False,
                  dtype=np.float64, trace_name: str = "embedding") -> None:
         super().__init__(tp, sequence_parallel)
         self.vocab_size, self.h, self.trace_name = vocab_size, h, trace_name
         self.start, _, n_local = vocab_range(vocab_size, tp)
         self.add_param("W", np.zeros((n_local, h), dtype))
+        self.agree()
 
     @classmethod
     def from_reference(cls, emb: Embedding, tp: Comm, sequence_parallel: bool = False,
