@@ -225,6 +225,15 @@ class Module:
         self._saved[(slot, key)] = (saved, nbytes)
         trace.alloc("activations", nbytes)
 
+    def _check_new_key(self, key) -> None:
+        """Before a forward's first message: ``RuntimeError`` if this module (or a
+        descendant) still holds activations of ``key`` (a second forward of the
+        same micro-batch before its backward)."""
+        if key in self.saved_keys():
+            raise RuntimeError(
+                f"{type(self).__name__}: activations for key {key!r} are already saved "
+                f"(forward called twice for the same micro-batch without a backward)")
+
     def _pop(self, key, *, slot: str = "") -> dict:
         """Take back (and free) what :meth:`_save` stored for ``key``."""
         try:

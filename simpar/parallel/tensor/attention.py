@@ -74,6 +74,7 @@ class ParallelAttention(TensorParallelModule):
         return F.attention_flops(b, s, self.h_local)
 
     def forward(self, x, key=0):
+        self._check_new_key(key)
         hl = self.h_local
         qkv = self.qkv.forward(x, key)                 # (b, s, 3h/t) = [q_i | k_i | v_i]
         b, s = qkv.shape[0], qkv.shape[1]

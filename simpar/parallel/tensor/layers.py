@@ -245,6 +245,7 @@ class ColumnParallelLinear(TensorParallelModule):
         return F.linear_flops(x.size // self.n_in, self.n_in, self.params["W"].shape[1])
 
     def forward(self, x, key=0):
+        self._check_new_key(key)                       # before the first message
         if self.sequence_parallel:
             x = gather_from_sp_region(x, self.tp)      # (b, s, n_in): our own array
             self._save(key, x=x)
@@ -342,6 +343,7 @@ class RowParallelLinear(TensorParallelModule):
         return y
 
     def backward_pass(self, dy, key=0, *, weights=True):
+        x = self._pop(key)["x"]         # first: backward without forward fails before a message
         if "b" in self.params:          # the bias is added after the sum: its own db
             self.grads["b"] += dy.reshape(-1, self.n_out).sum(axis=0, dtype=acc_dtype(dy.dtype))
             self._grads_pending |= self.sequence_parallel
@@ -349,7 +351,6 @@ class RowParallelLinear(TensorParallelModule):
             dy = reduce_scatter_to_sp_region_backward(dy, self.tp)
         else:
             dy = reduce_from_tp_region_backward(dy, self.tp)
-        x = self._pop(key)["x"]
         dx = _linear_backward(self, dy, x, key, weights, bias=False)
         if not self.input_is_parallel:
             dx = scatter_to_tp_region_backward(dx, self.tp)

@@ -77,6 +77,7 @@ class ParallelMLP(TensorParallelModule):
         return m
 
     def forward(self, x, key=0):
+        self._check_new_key(key)
         a = self.fc1.forward(x, key)                   # (b, s, d_ff/t): my columns of XA
         self._save(key, a=a)
         return self.fc2.forward(_gelu(a, self.trace_name), key)

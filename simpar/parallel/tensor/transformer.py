@@ -148,6 +148,7 @@ class ParallelTransformerBlock(TensorParallelModule):
         return (own if self.sequence_parallel else []) + super().sequence_parallel_grads()
 
     def forward(self, x, key=0):
+        self._check_new_key(key)        # before the first message
         y = self._forward(x, key)
         if self.recompute == "full":
             self._keep_input_only(x, key)
@@ -356,6 +357,7 @@ class ParallelGPT(TensorParallelModule):
     # -------------------------------------------------------- whole model
     def forward(self, idx, key=0):
         """Token ids ``(b, s)`` → this rank's logit columns ``(b, s, V_pad/t)``."""
+        self._check_new_key(key)
         x = self.embed_forward(idx, key)
         for block in self.blocks:
             x = block.forward(x, key)
@@ -377,6 +379,7 @@ class ParallelGPT(TensorParallelModule):
             raise ValueError(f"{targets.size} targets for {np.size(idx)} tokens "
                              f"(idx shape {np.shape(idx)}, targets shape {targets.shape})")
         check_ids(targets, self.config.vocab_size)
+        self.tp.agree("token batch (shapes of idx and targets)", (np.shape(idx), targets.shape))
         return targets
 
     def loss(self, idx, targets, key=0) -> float:
