@@ -205,10 +205,7 @@ class TransformerBlock(Module):
     def forward(self, x, key=0):
         b, s = x.shape[0], x.shape[1]
         with trace.compute(f"{self.trace_name}.forward", flops=self.flops(b, s)):
-            y = self._forward(x, key)
-        if self.recompute == "full":
-            self._keep_input_only(x, key)
-        return y
+            return self._forward_recomputable(x, key)
 
     def _forward(self, x, key):
         x1 = self.attn.forward(frozen(self.ln1.forward(x, key)), key)
@@ -260,7 +257,7 @@ class Embedding(Module):
 
     def forward(self, ids, key=0):
         ids = np.asarray(ids)
-        _check_ids(ids, self.vocab)
+        check_ids(ids, self.vocab)
         self._save(key, copy={"ids": ids})
         return F.embedding_forward(ids, self.params["W"])
 
@@ -271,7 +268,8 @@ class Embedding(Module):
         return None
 
 
-def _check_ids(ids: np.ndarray, vocab: int) -> None:
+def check_ids(ids: np.ndarray, vocab: int) -> None:
+    """Integer ids in ``[0, vocab)``, else a ``TypeError``/``ValueError``."""
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):

@@ -308,6 +308,14 @@ class Module:
         self.clear_saved(key)
         self._save(key, copy={"x": x}, slot="recompute")
 
+    def _forward_recomputable(self, x, key):
+        """``self._forward(x, key)``; under full recomputation (``self.recompute
+        == "full"``) then keep only the input (:meth:`_keep_input_only`)."""
+        y = self._forward(x, key)
+        if self.recompute == "full":
+            self._keep_input_only(x, key)
+        return y
+
     def _recompute_forward(self, key, name: str, flops: float) -> None:
         """Full recomputation, start of backward: run ``self._forward`` again on
         the kept input, saving what backward needs (a compute region ``name``)."""

@@ -87,10 +87,7 @@ class MoETransformerBlock(Module):
         return self.attn.flops(b, s)
 
     def forward(self, x, key=0):
-        y = self._forward(x, key)
-        if self.recompute == "full":
-            self._keep_input_only(x, key)
-        return y
+        return self._forward_recomputable(x, key)
 
     def _forward(self, x, key):
         b, s = x.shape[0], x.shape[1]

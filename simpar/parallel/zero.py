@@ -62,7 +62,7 @@ import numpy as np
 
 from .. import trace
 from ..comm import Comm
-from ..optim import SGD, AdamW, clip_grad_norm
+from ..optim import SGD, AdamW, Wrapped, clip_grad_norm
 from .data import DEFAULT_BUCKET_BYTES, check_bucket_bytes
 from .pipeline import StepResult
 from .pipeline.executor import check_run_args
@@ -203,7 +203,7 @@ class _Group:
         return (hi - lo) * self.dtype.itemsize
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(Wrapped):
     """ZeRO stage ``stage`` over the data-parallel group(s) of ``model`` (a
     :class:`~simpar.parallel.hybrid.HybridModel`); ``optimizer`` ``"adamw"`` or
     ``"sgd"`` with its hyper-parameters (those of :mod:`simpar.optim`)::
@@ -334,18 +334,6 @@ class DistributedOptimizer:
         if unit == "embedding" and "wte" not in self.units.get("embedding", []):
             return ["embedding", "head"] if "wte" in self.units.get("head", []) else ["embedding"]
         return [unit]
-
-    @property
-    def lr(self) -> float:
-        return self.inner.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self.inner.lr = value
-
-    @property
-    def t(self) -> int:
-        return self.inner.t
 
     def __repr__(self) -> str:
         return f"DistributedOptimizer(ZeRO-{self.stage}, {self.inner!r})"

@@ -49,12 +49,11 @@ class ParallelAttention(TensorParallelModule):
         self.h, self.n_head, self.trace_name = h, n_head, trace_name
         self.recompute = "none"
         self.h_local, self.n_head_local = h // tp.size, n_head // tp.size
+        kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, agree=False)  # we agree
         self.qkv = self.add_child("qkv", ColumnParallelLinear(
-            h, 3 * h, tp, sequence_parallel=sequence_parallel, parts=3, dtype=dtype,
-            trace_name=f"{trace_name}.qkv", agree=False))
+            h, 3 * h, tp, parts=3, trace_name=f"{trace_name}.qkv", **kw))    # whole heads
         self.proj = self.add_child("proj", RowParallelLinear(
-            h, h, tp, sequence_parallel=sequence_parallel, dtype=dtype,
-            trace_name=f"{trace_name}.proj", agree=False))
+            h, h, tp, trace_name=f"{trace_name}.proj", **kw))
         if agree:
             self.agree()
 

@@ -181,8 +181,21 @@ class TensorParallelModule(Module):
         self._finalized = False
 
 
+class _ParallelLinear(TensorParallelModule):
+    """What the column- and row-parallel layers share: the cut from a reference."""
+
+    @classmethod
+    def from_reference(cls, linear: Linear, tp: Comm, **options):
+        """Cut this rank's shard from a reference :class:`~simpar.nn.Linear`
+        (:meth:`load_reference` says which part)."""
+        W = linear.params["W"]
+        m = cls(linear.n_in, linear.n_out, tp, bias="b" in linear.params, dtype=W.dtype,
+                **options)
+        return m.load_reference(linear)
+
+
 # --------------------------------------------------------------- column parallel
-class ColumnParallelLinear(TensorParallelModule):
+class ColumnParallelLinear(_ParallelLinear):
     """``Y_i = X A_i + b_i``: the output columns split over the tp group.
 
     Input: replicated ``(b, s, n_in)``, entering through **f** (identity forward,
@@ -218,14 +231,6 @@ class ColumnParallelLinear(TensorParallelModule):
             self.add_param("b", np.zeros(self.n_out_padded // tp.size, dtype))
         if agree:
             self.agree()
-
-    @classmethod
-    def from_reference(cls, linear: Linear, tp: Comm, **options) -> "ColumnParallelLinear":
-        """Cut this rank's columns from a reference :class:`~simpar.nn.Linear`."""
-        W = linear.params["W"]
-        m = cls(linear.n_in, linear.n_out, tp, bias="b" in linear.params, dtype=W.dtype,
-                **options)
-        return m.load_reference(linear)
 
     def load_reference(self, linear: Linear) -> "ColumnParallelLinear":
         """Copy this rank's columns of ``linear`` into the parameters; returns self."""
@@ -273,7 +278,7 @@ class ColumnParallelLinear(TensorParallelModule):
 
 
 # ------------------------------------------------------------------ row parallel
-class RowParallelLinear(TensorParallelModule):
+class RowParallelLinear(_ParallelLinear):
     """``Y = Σ_i X_i A_i + b``: the input rows of ``A`` split over the tp group.
 
     Input: this rank's columns ``X_i`` ``(b, s, n_in/t)`` (``input_is_parallel``,
@@ -302,14 +307,6 @@ class RowParallelLinear(TensorParallelModule):
             self.add_param("b", np.zeros(n_out, dtype))
         if agree:
             self.agree()
-
-    @classmethod
-    def from_reference(cls, linear: Linear, tp: Comm, **options) -> "RowParallelLinear":
-        """Cut this rank's rows from a reference :class:`~simpar.nn.Linear`."""
-        W = linear.params["W"]
-        m = cls(linear.n_in, linear.n_out, tp, bias="b" in linear.params, dtype=W.dtype,
-                **options)
-        return m.load_reference(linear)
 
     def load_reference(self, linear: Linear) -> "RowParallelLinear":
         """Copy this rank's rows of ``linear`` (and the whole bias); returns self."""

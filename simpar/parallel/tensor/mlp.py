@@ -57,12 +57,11 @@ class ParallelMLP(TensorParallelModule):
         super().__init__(tp, sequence_parallel)
         check_divisible("d_ff", d_ff, tp.size)
         self.h, self.d_ff, self.trace_name = h, d_ff, trace_name
+        kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, agree=False)  # we agree
         self.fc1 = self.add_child("fc1", ColumnParallelLinear(
-            h, d_ff, tp, sequence_parallel=sequence_parallel, dtype=dtype,
-            trace_name=f"{trace_name}.fc1", agree=False))
+            h, d_ff, tp, trace_name=f"{trace_name}.fc1", **kw))
         self.fc2 = self.add_child("fc2", RowParallelLinear(
-            d_ff, h, tp, sequence_parallel=sequence_parallel, dtype=dtype,
-            trace_name=f"{trace_name}.fc2", agree=False))
+            d_ff, h, tp, trace_name=f"{trace_name}.fc2", **kw))
         if agree:
             self.agree()
 

@@ -47,6 +47,8 @@ import numpy as np
 from ... import trace
 from ...comm import Comm
 from ...nn import GPT, LayerNorm, Module
+from ...nn.gpt import GPTPasses
+from ...nn.layers import check_ids
 from ...nn import functional as F
 from ...nn.module import frozen
 from ...nn.precision import acc_dtype
@@ -59,7 +61,7 @@ from .mappings import (copy_to_tp_region, copy_to_tp_region_backward, gather_fro
                        reduce_from_tp_region_backward, reduce_scatter_to_sp_region,
                        reduce_scatter_to_sp_region_backward)
 from .mlp import ParallelMLP
-from .vocab import (check_ids, embedding_shard_backward, embedding_shard_forward, shard_vocab,
+from .vocab import (embedding_shard_backward, embedding_shard_forward, shard_vocab,
                     vocab_parallel_cross_entropy, vocab_parallel_cross_entropy_backward,
                     vocab_range)
 
@@ -149,10 +151,7 @@ class ParallelTransformerBlock(TensorParallelModule):
 
     def forward(self, x, key=0):
         self._check_new_key(key)        # before the first message
-        y = self._forward(x, key)
-        if self.recompute == "full":
-            self._keep_input_only(x, key)
-        return y
+        return self._forward_recomputable(x, key)
 
     def _forward(self, x, key):
         name = self.trace_name
@@ -176,7 +175,7 @@ class ParallelTransformerBlock(TensorParallelModule):
         return dx
 
 
-class ParallelGPT(TensorParallelModule):
+class ParallelGPT(GPTPasses, TensorParallelModule):
     """The reference :class:`~simpar.nn.GPT`, tensor-parallel (and optionally
     sequence-parallel), with the vocabulary split over ``tp`` at both ends.
 
@@ -268,13 +267,9 @@ class ParallelGPT(TensorParallelModule):
 
     def embed_forward(self, idx, key=0):
         """``wte[idx] + wpe`` → ``(b, s, h)``, or this rank's ``(b, s/t, h)`` with SP."""
-        idx = np.asarray(idx)
-        if idx.ndim != 2 or idx.shape[1] > self.config.seq_len:
-            raise ValueError(f"idx must be (batch, seq) with seq <= seq_len="
-                             f"{self.config.seq_len}, got shape {idx.shape}")
+        idx = self._token_ids(idx)
         if self.sequence_parallel:
             check_divisible("sequence length", idx.shape[1], self.tp.size)
-        check_ids(idx, self.config.vocab_size)
         with trace.compute("embedding.forward"):
             y, local, mine = embedding_shard_forward(idx, self.params["wte"], self.vocab_start)
         self._save(key, slot="embed", local=local, mine=mine)
@@ -348,28 +343,12 @@ class ParallelGPT(TensorParallelModule):
             dWt, _ = F.linear_backward_weight(s["dlogits"], s["xn"])
             self.grads["wte"] += dWt.T
 
-    def backward_weights(self, key=0) -> None:
-        """All weight gradients left by :meth:`backward_input` of ``key``."""
-        self.head_backward_weights(key)
-        for block in reversed(self.blocks):
-            block.backward_weights(key)
-
     # -------------------------------------------------------- whole model
-    def forward(self, idx, key=0):
-        """Token ids ``(b, s)`` → this rank's logit columns ``(b, s, V_pad/t)``."""
-        self._check_new_key(key)
-        x = self.embed_forward(idx, key)
-        for block in self.blocks:
-            x = block.forward(x, key)
-        return self.head_forward(x, key)
-
+    # forward and backward_weights: GPTPasses' (embedding, blocks, head)
     def backward_pass(self, dlogits, key=0, *, weights=True) -> None:
-        """Accumulate all gradients from this rank's logit columns' gradient
-        (``weights=False``: the GEMM weight gradients wait for :meth:`backward_weights`)."""
-        dx = self.head_backward(dlogits, key, weights=weights)
-        for block in reversed(self.blocks):
-            dx = block.backward_pass(dx, key, weights=weights)
-        self.embed_backward(dx, key)
+        """:meth:`GPTPasses.backward_pass` from this rank's logit columns' gradient;
+        under SP the replicated parameters' gradients are then partial sums."""
+        GPTPasses.backward_pass(self, dlogits, key, weights=weights)
         self._grads_pending |= self.sequence_parallel
 
     def _check_targets(self, idx, targets) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 from ... import trace
 from ...comm import Comm
 from ...nn import Embedding
+from ...nn.layers import check_ids
 from ...nn.precision import mixed
 from .layers import TensorParallelModule, pad_along, padded_size, shard
 from .mappings import (reduce_from_tp_region, reduce_from_tp_region_backward,
@@ -32,15 +33,6 @@ def vocab_range(vocab_size: int, tp: Comm) -> tuple[int, int, int]:
     n_local = padded_size(vocab_size, tp.size) // tp.size
     start = tp.rank * n_local
     return start, int(np.clip(vocab_size - start, 0, n_local)), n_local
-
-
-def check_ids(ids: np.ndarray, vocab_size: int) -> None:
-    """Integer ids in ``[0, vocab_size)``, else a ``TypeError``/``ValueError``."""
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got range "
-                         f"[{ids.min()}, {ids.max()}]")
 
 
 # -------------------------------------------------------------------- embedding
