@@ -5,6 +5,15 @@
     idx (b, s) ──► wte[idx] + wpe[:s] ──► blocks.0 … blocks.{L-1}
                ──► ln_f ──► lm_head ──► logits (b, s, vocab)
 
+GPT-2's model (Radford et al. 2019, §2.3: LayerNorm at the input of each
+sub-block and once more after the last block; the blocks of Vaswani et al. 2017,
+§3), with ``N`` tokens and learned positions::
+
+    h₀ = W_e[idx] + W_p[0:s]
+    h'ₗ = hₗ₋₁ + Attn(LN₁(hₗ₋₁)),   hₗ = h'ₗ + MLP(LN₂(h'ₗ))        l = 1 … L
+    logits = LN_f(h_L) · W_head          (tied: W_head = W_eᵀ)
+    loss = (1/N) Σₜ (log Σ_v exp logitsₜ,ᵥ − logitsₜ,targetₜ)
+
 Parameter names (``state_dict()`` keys): ``wte``, ``wpe``,
 ``blocks.{i}.ln1.{gamma,beta}``, ``blocks.{i}.attn.qkv.{W,b}`` (columns ``[q | k | v]``),
 ``blocks.{i}.attn.proj.{W,b}``, ``blocks.{i}.ln2.{gamma,beta}``,

@@ -1,5 +1,17 @@
 """Stateful layers of a GPT, built on the pure pairs of :mod:`simpar.nn.functional`.
 
+What each layer computes (the equations, with their papers, are those of
+:mod:`~simpar.nn.functional`)::
+
+    Linear               Y = X W + b                         (Shoeybi et al. 2019 §3 notation)
+    LayerNorm            γ ⊙ (x − μ)/√(σ² + ε) + β           (Ba et al. 2016 §3)
+    MLP                  GELU(X W₁ + b₁) W₂ + b₂             (Vaswani et al. 2017 §3.3; GELU:
+                                                              Hendrycks & Gimpel 2016 §2)
+    CausalSelfAttention  [Q|K|V] = X W_qkv;  per head softmax(Q Kᵀ/√d + M) V;
+                         concat(heads) W_o                   (Vaswani et al. 2017 §3.2.1-§3.2.3)
+    TransformerBlock     x + Attn(LN₁(x)), then + MLP(LN₂(·))   (Radford et al. 2019 §2.3)
+    Embedding            y = E[ids]                          (Vaswani et al. 2017 §3.4)
+
 Each class keeps its ``forward`` and ``backward`` side by side.  Inputs from the
 caller are saved as copies (see :mod:`simpar.nn.module`); gradients accumulate.
 

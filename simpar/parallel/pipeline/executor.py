@@ -14,7 +14,13 @@
 
 Gradients accumulate over the micro-batches in the modules' ``grads``; the loss is
 the mean over **all** micro-batches' tokens, so each micro-batch's loss gradient is
-scaled by its share of the tokens and the result equals one big batch.
+scaled by its share of the tokens and the result equals one big batch (GPipe's
+synchronous accumulation, Huang et al. 2019, §2)::
+
+    L = Σ_mb (N_mb / N) · L_mb        ∇L = Σ_mb (N_mb / N) · ∇L_mb
+
+The order of the actions is the schedule's (1F1B: Narayanan et al. 2021,
+§2.2.1; ``I``/``W``: Qi et al. 2023, §2).
 
 Before the first message every rank checks its arguments and proves the schedule
 deadlock-free with :func:`.validate.validate`, so a bad configuration fails with the

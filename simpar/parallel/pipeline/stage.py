@@ -6,6 +6,11 @@ LM head and — in the executor — the loss::
 
     stage 0: embedding + blocks[0:k0]   stage 1: blocks[k0:k1]   …   last: blocks[…] + ln_f + head
 
+The model is a composition of layers ``f_L ∘ … ∘ f_1``, and stage ``s`` holds
+one contiguous cell of it, ``F_s = f_{k_s} ∘ … ∘ f_{k_{s−1}+1}``, with cost
+``C_s = Σ_{l ∈ s} c_l`` (Huang et al. 2019, GPipe, §2); the step time is set by
+the largest ``C_s``.
+
 :func:`partition` chooses the ranges: as equal as possible in **layer count**, or
 in **parameter count** (embedding and head included), or given explicitly; uneven
 splits are fine, a stage without any block is not.

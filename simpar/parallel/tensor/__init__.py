@@ -1,5 +1,13 @@
 """Tensor parallelism, Megatron-LM style, and sequence parallelism.
 
+The two identities every layer here rests on (Shoeybi et al. 2019, §3)::
+
+    column split:  X · [A₁, …, A_t]   = [X A₁, …, X A_t]          (no communication)
+    row split:     [X₁, …, X_t] · [A₁; …; A_t] = Σᵢ Xᵢ Aᵢ          (one all-reduce)
+
+and under sequence parallelism the all-reduce becomes a reduce-scatter plus an
+all-gather along the sequence (Korthikanti et al. 2022, §4.2.2).
+
 Read in this order — each module is one idea, with forward and backward side by side:
 
 1. :mod:`.mappings` — the communication operators as forward/backward pairs:
