@@ -56,15 +56,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import trace
-
-RECOMPUTE_MODES = ("none", "selective", "full")
-
-
-def check_recompute(mode) -> str:
-    """``mode`` if it is one of :data:`RECOMPUTE_MODES`, else ``ValueError``."""
-    if mode not in RECOMPUTE_MODES:
-        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
-    return mode
+from ..formulas import RECOMPUTE_MODES, check_recompute  # noqa: F401 (re-exported)
 
 
 def frozen(a: np.ndarray) -> np.ndarray:

@@ -23,7 +23,8 @@ Read in this order — each module is one idea, with forward and backward side b
    :func:`vocab_parallel_cross_entropy` (never gathers the logits);
 6. :mod:`.transformer` — :class:`ParallelTransformerBlock` and :class:`ParallelGPT`,
    with ``sequence_parallel=True`` as an option, and what they save for backward;
-7. :mod:`.accounting` — closed forms for bytes communicated and activations saved.
+7. :mod:`.accounting` — traced bytes in the ring model, and the package's names for
+   the closed forms of :mod:`simpar.formulas` (bytes communicated, activations saved).
 
 Every layer is cut from a reference module of :mod:`simpar.nn`::
 

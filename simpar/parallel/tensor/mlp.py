@@ -18,7 +18,7 @@ one all-reduce forward (``g``) and one backward (``f``), each of ``b·s·h``
 elements.  The naive scheme moves ``d_ff + h`` gathered elements per token
 forward and all-reduces ``d_ff + h`` backward; with ``d_ff = 4h`` that is 15
 against 4 ``b·s·h·(t−1)/t`` elements per device in the ring model (see
-:mod:`.accounting`).
+:func:`simpar.formulas.tp_mlp_comm_elements`).
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ fc2 input (GeLU output)    b·s·d_ff/t             b·s·d_ff/t
 fc1 input (ln2 output)     bsh                    bsh (all-gathered)
 =========================  =====================  =========================
 
-Summed (:func:`.accounting.activation_elements`), with ``d_ff = 4h``:
+Summed (:func:`simpar.formulas.tp_activation_elements`), with ``d_ff = 4h``:
 TP ``bsh·(4 + 12/t) + 2bs + abs²/t``; TP+SP ``bsh·(2 + 14/t) + 2bs/t + abs²/t``.
 The structure is Korthikanti et al.'s Table 2 (bytes, 16-bit, with dropout):
 TP ``sbh(10 + 24/t + 5as/(ht))``, TP+SP ``sbh(34 + 5as/h)/t``.  Differences:
