@@ -13,8 +13,12 @@ the demos and notebooks print and plot them next to the measured ones.
   (Narayanan et al. 2021 §2.2.1);
 * Megatron TP elements per layer per device: ``8·b·s·h·(t−1)/t`` (Shoeybi et al.
   2019 §3; Narayanan et al. 2021 §3.2); per MLP ``4·bsh·(t−1)/t``, naive
-  ``3·bs(d_ff + h)·(t−1)/t``; simpar's exact saved elements per layer
+  ``3·bs(d_ff + h)·(t−1)/t``; the vocab-parallel ends ``2bsh(t−1)/t`` and
+  ``2(bsh + 3bs)(t−1)/t``; simpar's exact saved elements per layer
   (``tp_activation_elements``) and recomputation FLOPs;
+* expert parallelism per MoE layer and micro-batch: 4 all-to-alls of the rows
+  sent / received, the router's gradient all-reduce, the count table
+  (Lepikhin et al. 2020 §2.2-3.1; Fedus et al. 2021 §2.2);
 * activation bytes per layer (16-bit): ``sbh(34 + 5as/h)``; TP
   ``sbh(10 + 24/t + 5as/(ht))``; TP+SP ``sbh(34 + 5as/h)/t``; full recompute
   ``2sbh``; selective + TP + SP ``34sbh/t`` (Korthikanti et al. 2022, Table 2, §5);
@@ -51,6 +55,7 @@ __all__ = [
     "bubble_over_ideal", "bubble_fraction", "one_f_one_b_idle", "zb_h1_idle",
     "micro_batches_in_flight",
     "ring_elements", "tp_layer_comm_elements", "tp_mlp_comm_elements",
+    "tp_embedding_comm_elements", "tp_head_loss_comm_elements", "ep_moe_comm_bytes",
     "tp_activation_elements", "recompute_flops",
     "activation_bytes_per_layer", "recompute_activation_bytes_per_layer",
     "layer_forward_flops", "layer_backward_flops", "linear_flops", "attention_flops",
@@ -126,20 +131,58 @@ def micro_batches_in_flight(schedule: str, p: int, m: int, rank: int = 0) -> int
 def ring_elements(kind: str, n, p: int) -> float:
     """Elements (or bytes) one rank sends for a collective of the full buffer ``n``
     in the ring model: all-reduce ``2n(p−1)/p`` (reduce-scatter + all-gather);
-    all-gather (``n`` = output), reduce-scatter (``n`` = input) ``n(p−1)/p``."""
+    all-gather (``n`` = output), reduce-scatter (``n`` = input) ``n(p−1)/p``;
+    all-to-all (``n`` = the send buffer, pairwise exchange) ``n(p−1)/p``."""
     if kind == "all_reduce":
         return 2.0 * n * (p - 1) / p
-    if kind in ("all_gather", "reduce_scatter"):
+    if kind in ("all_gather", "reduce_scatter", "all_to_all"):
         return 1.0 * n * (p - 1) / p
     raise ValueError(f"no ring model for {kind!r}")
 
 
-def tp_layer_comm_elements(b: int, s: int, h: int, t: int) -> float:
+def tp_layer_comm_elements(b: int, s: int, h: int, t: int, mlp: bool = True) -> float:
     """Elements one device sends per transformer layer (forward + backward) with
     Megatron tensor parallelism: 4 all-reduces of the ``(b, s, h)`` activation,
     ``8·b·s·h·(t−1)/t`` (Shoeybi et al. 2019 §3; Narayanan et al. 2021 §3.2).
-    Sequence parallelism's 4 all-gathers + 4 reduce-scatters move as much."""
-    return 8.0 * b * s * h * (t - 1) / t
+    Sequence parallelism's 4 all-gathers + 4 reduce-scatters move as much.
+    ``mlp=False``: the attention's 2 only, ``4·b·s·h·(t−1)/t`` (a block whose
+    feed-forward is an MoE layer replicated over tp)."""
+    return (8.0 if mlp else 4.0) * b * s * h * (t - 1) / t
+
+
+def tp_embedding_comm_elements(b: int, s: int, h: int, t: int) -> float:
+    """The vocab-parallel embedding: its ``g`` all-reduce of the ``(b, s, h)``
+    lookup in forward (identity backward), ``2·b·s·h·(t−1)/t`` (Shoeybi et al.
+    2019 §3)."""
+    return 2.0 * b * s * h * (t - 1) / t
+
+
+def tp_head_loss_comm_elements(b: int, s: int, h: int, t: int) -> float:
+    """The vocab-parallel head and loss: the head's ``f`` all-reduce of the
+    ``(b, s, h)`` input gradient in backward, and the cross-entropy's 3
+    all-reduces of ``b·s`` numbers (max, target logit, Σ exp) — the logits are
+    never gathered (Shoeybi et al. 2019 §3): ``2·(b·s·h + 3·b·s)·(t−1)/t``."""
+    return 2.0 * (b * s * h + 3 * b * s) * (t - 1) / t
+
+
+def ep_moe_comm_bytes(sent_rows: int, received_rows: int, h: int, n_experts: int, ep: int,
+                      itemsize: int = 8) -> float:
+    """Bytes one rank moves per expert-parallel MoE layer and micro-batch
+    (GShard, Lepikhin et al. 2020 §2.2-3.1; Switch, Fedus et al. 2021 §2.2), in the
+    model above (each all-to-all's buffer leaves the rank but for its own
+    ``1/ep``; a collective lasts for its largest member, so ``sent_rows`` and
+    ``received_rows`` are the largest over the ep group):
+
+    * the dispatch and the gradient of the combine carry the rows sent,
+      the combine and the gradient of the dispatch the rows received:
+      ``2·(sent + received)·h·(ep−1)/ep`` elements;
+    * the router, replicated over ep: an all-reduce of its ``h × E`` gradient,
+      ``2·h·E·(ep−1)/ep`` elements;
+    * the kept counts, an all-gather of the ``ep × E`` int64 table: ``8·E·(ep−1)`` bytes.
+
+    With nothing dropped and uniform routing, ``sent = received = k·b·s``."""
+    rows = 2.0 * (sent_rows + received_rows) * h + 2.0 * h * n_experts
+    return itemsize * rows * (ep - 1) / ep + 8.0 * n_experts * (ep - 1)
 
 
 def tp_mlp_comm_elements(b: int, s: int, h: int, d_ff: int, t: int, naive: bool = False) -> float:
