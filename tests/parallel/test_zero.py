@@ -151,8 +151,8 @@ def test_train_cli_cp2_zero1_prints_the_losses_of_plain_cp2(tmp_path):
 
 
 # ------------------------------------------------------ memory, from the ledger
-def _ledger_after_step(comm, stage: int, dp: int, optimizer="adamw"):
-    lay = Layout("m", P(dp=dp), m=1)
+def _ledger_after_step(comm, stage: int, dp: int, optimizer="adamw", cp: int = 1):
+    lay = Layout("m", P(dp=dp, cp=cp), m=1)
     X = np.random.default_rng(0).integers(0, 13, (24, 8))
     model = build_model(make_reference(lay), Mesh(comm, lay.config))
     hyper = dict(lr=1e-2) if optimizer == "adamw" else dict(lr=1e-2, momentum=0.9)
@@ -188,6 +188,16 @@ def test_memory_ledger_equals_zero_section5(stage):
                 assert cur["activations"] == 0
                 if stage == 3 and dp > 1:          # one layer at a time is whole
                     assert cur["params"] < peak["params"] < 8 * psi
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_memory_ledger_with_context_parallelism_shards_over_dp_times_cp(stage):
+    """cp ranks replicate the weights: ZeRO shards over N = dp·cp (cp2 x dp2: N = 4)."""
+    for psi, cur, _ in simpar.launch(lambda c: _ledger_after_step(c, stage, 2, cp=2), 4):
+        total = cur["params"] + cur["grads"] + cur["optimizer"]
+        assert total == formulas.zero_memory_bytes(psi, 4, stage, k=16, param_bytes=8,
+                                                   grad_bytes=8), (stage, cur)
+        assert cur["optimizer"] == 16 * psi // 4
 
 
 def test_memory_ledger_odd_sizes_sum_to_the_model():
