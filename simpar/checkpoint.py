@@ -17,9 +17,11 @@ A tensor-parallel shard is a few boxes (a column block; three for a fused
 ``[q | k | v]`` weight; vocabulary padding in none); a ZeRO shard cuts the
 flattened local tensor anywhere, and the part of a box inside a flat range is
 again a flat range of the box.  Every element of every tensor is saved exactly
-once (tp-replicated tensors by tp rank 0, dp replicas by their ZeRO owner or dp
-rank 0, routers by ep rank 0, a tied ``wte`` by the first stage); the reader
-checks that the entries cover each tensor exactly once.
+once (tp-replicated tensors by tp rank 0, data replicas — over ``dp × cp``, or
+``edp`` for experts — by their ZeRO owner or the group's rank 0, routers by ep
+rank 0, a tied ``wte`` by the first stage:
+:meth:`~simpar.parallel.hybrid.HybridModel.counted_once`); the reader checks that
+the entries cover each tensor exactly once.
 
 Directory layout (``save(root, ...)``)::
 
@@ -161,17 +163,10 @@ def save(root, model, optimizer=None, trainer: dict | None = None, *, step: int 
     as ``step-{step:08d}``; ``trainer``: JSON-able state (step, learning-rate
     schedule position, data position, RNG states).  Collective over the world;
     returns the checkpoint directory.  ``keep``: complete checkpoints kept."""
-    from .parallel.zero import DistributedOptimizer
     world = model.mesh.world
-    if optimizer is not None and not isinstance(optimizer, DistributedOptimizer):
-        raise TypeError(f"optimizer must be a DistributedOptimizer (ZeRO stage 0-3), got "
-                        f"{type(optimizer).__name__}")
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}")
-    json.dumps(trainer or {})                       # JSON-able, or TypeError on every rank
+    _check_save(optimizer, step, trainer)
     world.agree("checkpoint save (root, step)", (str(root), int(step)))
-    root = Path(root)
-    name = f"step-{int(step):08d}"
+    root, name = Path(root), f"step-{int(step):08d}"
     tmp = root / f".tmp-{name}"
     if world.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -180,13 +175,41 @@ def save(root, model, optimizer=None, trainer: dict | None = None, *, step: int 
         tmp.mkdir()
     world.barrier()
     maps = tensor_maps(model)
-    local = model.parameters()
-    entries, arrays = [], {}
     fname = f"rank{world.rank:05d}.npz"
     pieces = optimizer.owned_pieces() if optimizer is not None else _param_pieces(model)
-    for name_, a, b, by_kind in pieces:
-        shape, m = maps[name_]
-        lshape = local[name_].shape
+    entries, arrays = _entries(pieces, model.parameters(), maps, fname)
+    _write_shard(tmp / fname, arrays)
+    local = model.parameters()
+    tensors = {n: {"shape": list(shape), "dtype": str(local[n].dtype)}
+               for n, (shape, _) in maps.items()}
+    views = world.gather_objects((entries, tensors))
+    if world.rank == 0:
+        index = _index(model, optimizer, trainer, step, views)
+        with open(tmp / INDEX, "w") as f:
+            json.dump(index, f, indent=1)
+        _commit(root, tmp, name, keep)
+    world.barrier()
+    return root / name
+
+
+def _check_save(optimizer, step, trainer) -> None:
+    """The arguments, on every rank before any message."""
+    from .parallel.zero import DistributedOptimizer
+    if optimizer is not None and not isinstance(optimizer, DistributedOptimizer):
+        raise TypeError(f"optimizer must be a DistributedOptimizer (ZeRO stage 0-3), got "
+                        f"{type(optimizer).__name__}")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    json.dumps(trainer or {})                       # JSON-able, or TypeError on every rank
+
+
+def _entries(pieces, local: Mapping[str, np.ndarray], maps, fname: str):
+    """Index entries and shard arrays of this rank's pieces ``(name, a, b, by
+    kind)``: the part of each box of the full tensor that lies in ``a:b``."""
+    entries, arrays = [], {}
+    for name, a, b, by_kind in pieces:
+        shape, m = maps[name]
+        lshape = local[name].shape
         idx = np.arange(int(np.prod(lshape, dtype=np.int64))).reshape(lshape)
         for fbox, lbox in _boxes(lshape, shape, m):
             order = idx[_sl(lbox)].reshape(-1)        # local flat indices, box row-major
@@ -198,43 +221,43 @@ def save(root, model, optimizer=None, trainer: dict | None = None, *, step: int 
                 data = np.asarray(values)[order[p0:p1] - a]
                 key = str(len(arrays))
                 arrays[key] = data
-                entries.append({"tensor": name_, "kind": kind, "box": [list(x) for x in fbox],
+                entries.append({"tensor": name, "kind": kind, "box": [list(x) for x in fbox],
                                 "flat": [p0, p1], "file": fname, "key": key,
                                 "sha256": _digest(data)})
-    _write_shard(tmp / fname, arrays)
-    tensors = {}
-    for n, (shape, _) in maps.items():
-        tensors[n] = {"shape": list(shape), "dtype": str(local[n].dtype)}
-    views = world.gather_objects((entries, tensors))
-    if world.rank == 0:
-        all_entries, all_tensors = [], {}
-        for e, t in views:
-            all_entries += e
-            all_tensors.update(t)
-        cfg = model.mesh.config
-        index = {"format": FORMAT, "version": VERSION, "step": int(step),
-                 "model": {"class": type(model.config).__name__,
-                           "config": _config_dict(model.config)},
-                 "layout": {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep,
-                            "vpp": cfg.vpp, "world_size": cfg.world_size},
-                 "optimizer": None if optimizer is None else {
-                     "kind": optimizer.kind, "zero": optimizer.stage, "t": optimizer.t,
-                     "hyper": _jsonable(optimizer.inner.hyperparameters())},
-                 "trainer": trainer or {},
-                 "tensors": all_tensors, "entries": all_entries}
-        with open(tmp / INDEX, "w") as f:
-            json.dump(index, f, indent=1)
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)                          # complete: into place
-        _write_atomic(root / LATEST, name + "\n")       # and only then the pointer
-        done = sorted(p for p in root.glob("step-*") if (p / INDEX).is_file())
-        for old in done[:-keep] if keep else []:
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-    world.barrier()
-    return root / name
+    return entries, arrays
+
+
+def _index(model, optimizer, trainer, step: int, views) -> dict:
+    """The index (rank 0): model config, layout, optimizer, trainer state, and
+    every rank's entries."""
+    all_entries, all_tensors = [], {}
+    for e, t in views:
+        all_entries += e
+        all_tensors.update(t)
+    cfg = model.mesh.config
+    return {"format": FORMAT, "version": VERSION, "step": int(step),
+            "model": {"class": type(model.config).__name__,
+                      "config": _config_dict(model.config)},
+            "layout": {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "ep": cfg.ep,
+                       "vpp": cfg.vpp, "cp": cfg.cp, "world_size": cfg.world_size},
+            "optimizer": None if optimizer is None else {
+                "kind": optimizer.kind, "zero": optimizer.stage, "t": optimizer.t,
+                "hyper": _jsonable(optimizer.inner.hyperparameters())},
+            "trainer": trainer or {},
+            "tensors": all_tensors, "entries": all_entries}
+
+
+def _commit(root: Path, tmp: Path, name: str, keep: int) -> None:
+    """Rank 0: the complete checkpoint into place, then ``latest``; old ones go."""
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)                          # complete: into place
+    _write_atomic(root / LATEST, name + "\n")       # and only then the pointer
+    done = sorted(p for p in root.glob("step-*") if (p / INDEX).is_file())
+    for old in done[:-keep] if keep else []:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _jsonable(d: dict) -> dict:
@@ -248,12 +271,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _param_pieces(model):
-    """Parameters only, each element once (dp / edp rank 0, :func:`counted_once`)."""
-    from .parallel.zero import counted_once
-    experts, c = model._expert_names(), model.mesh.coords
+    """Parameters only, each element once (:meth:`HybridModel.counted_once`: rank 0
+    of the ``dp × cp`` or ``edp`` replicas, tp rank 0 for replicated tensors, ...)."""
     for name, p in model.parameters().items():
-        owner = (model.mesh.edp.rank if name in experts else c.dp) == 0
-        if owner and counted_once(model, name):
+        if model.counted_once(name):
             yield name, 0, p.size, {"param": p.reshape(-1)}
 
 

@@ -12,7 +12,13 @@ the demos and notebooks print and plot them next to the measured ones.
 * micro-batches in flight on rank r: GPipe ``m``, 1F1B ``min(p−r, m)``
   (Narayanan et al. 2021 §2.2.1);
 * Megatron TP elements per layer per device: ``8·b·s·h·(t−1)/t`` (Shoeybi et al.
-  2019 §3; Narayanan et al. 2021 §3.2);
+  2019 §3; Narayanan et al. 2021 §3.2); per MLP ``4·bsh·(t−1)/t``, naive
+  ``3·bs(d_ff + h)·(t−1)/t``; the vocab-parallel ends ``2bsh(t−1)/t`` and
+  ``2(bsh + 3bs)(t−1)/t``; simpar's exact saved elements per layer
+  (``tp_activation_elements``) and recomputation FLOPs;
+* expert parallelism per MoE layer and micro-batch: 4 all-to-alls of the rows
+  sent / received, the router's gradient all-reduce, the count table
+  (Lepikhin et al. 2020 §2.2-3.1; Fedus et al. 2021 §2.2);
 * activation bytes per layer (16-bit): ``sbh(34 + 5as/h)``; TP
   ``sbh(10 + 24/t + 5as/(ht))``; TP+SP ``sbh(34 + 5as/h)/t``; full recompute
   ``2sbh``; selective + TP + SP ``34sbh/t`` (Korthikanti et al. 2022, Table 2, §5);
@@ -41,10 +47,16 @@ from __future__ import annotations
 
 import math
 
+#: activation recomputation (Korthikanti et al. 2022, §5): none, selective, full
+RECOMPUTE_MODES = ("none", "selective", "full")
+
 __all__ = [
+    "RECOMPUTE_MODES", "check_recompute",
     "bubble_over_ideal", "bubble_fraction", "one_f_one_b_idle", "zb_h1_idle",
     "micro_batches_in_flight",
-    "ring_elements", "tp_layer_comm_elements",
+    "ring_elements", "tp_layer_comm_elements", "tp_mlp_comm_elements",
+    "tp_embedding_comm_elements", "tp_head_loss_comm_elements", "ep_moe_comm_bytes",
+    "tp_activation_elements", "recompute_flops",
     "activation_bytes_per_layer", "recompute_activation_bytes_per_layer",
     "layer_forward_flops", "layer_backward_flops", "linear_flops", "attention_flops",
     "ZERO_STAGES", "zero_memory_bytes", "zero_comm_elements", "dp_comm_elements",
@@ -53,6 +65,13 @@ __all__ = [
     "ring_attention_comm_elements", "ulysses_comm_elements",
     "context_attention_activation_elements", "ring_attention_time", "ulysses_attention_time",
 ]
+
+
+def check_recompute(mode) -> str:
+    """``mode`` if it is one of :data:`RECOMPUTE_MODES`, else ``ValueError``."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+    return mode
 
 
 # ======================================================================= pipelines
@@ -112,20 +131,126 @@ def micro_batches_in_flight(schedule: str, p: int, m: int, rank: int = 0) -> int
 def ring_elements(kind: str, n, p: int) -> float:
     """Elements (or bytes) one rank sends for a collective of the full buffer ``n``
     in the ring model: all-reduce ``2n(p−1)/p`` (reduce-scatter + all-gather);
-    all-gather (``n`` = output), reduce-scatter (``n`` = input) ``n(p−1)/p``."""
+    all-gather (``n`` = output), reduce-scatter (``n`` = input) ``n(p−1)/p``;
+    all-to-all (``n`` = the send buffer, pairwise exchange) ``n(p−1)/p``."""
     if kind == "all_reduce":
         return 2.0 * n * (p - 1) / p
-    if kind in ("all_gather", "reduce_scatter"):
+    if kind in ("all_gather", "reduce_scatter", "all_to_all"):
         return 1.0 * n * (p - 1) / p
     raise ValueError(f"no ring model for {kind!r}")
 
 
-def tp_layer_comm_elements(b: int, s: int, h: int, t: int) -> float:
+def tp_layer_comm_elements(b: int, s: int, h: int, t: int, mlp: bool = True) -> float:
     """Elements one device sends per transformer layer (forward + backward) with
     Megatron tensor parallelism: 4 all-reduces of the ``(b, s, h)`` activation,
     ``8·b·s·h·(t−1)/t`` (Shoeybi et al. 2019 §3; Narayanan et al. 2021 §3.2).
-    Sequence parallelism's 4 all-gathers + 4 reduce-scatters move as much."""
-    return 8.0 * b * s * h * (t - 1) / t
+    Sequence parallelism's 4 all-gathers + 4 reduce-scatters move as much.
+    ``mlp=False``: the attention's 2 only, ``4·b·s·h·(t−1)/t`` (a block whose
+    feed-forward is an MoE layer replicated over tp)."""
+    return (8.0 if mlp else 4.0) * b * s * h * (t - 1) / t
+
+
+def tp_embedding_comm_elements(b: int, s: int, h: int, t: int) -> float:
+    """The vocab-parallel embedding: its ``g`` all-reduce of the ``(b, s, h)``
+    lookup in forward (identity backward), ``2·b·s·h·(t−1)/t`` (Shoeybi et al.
+    2019 §3)."""
+    return 2.0 * b * s * h * (t - 1) / t
+
+
+def tp_head_loss_comm_elements(b: int, s: int, h: int, t: int) -> float:
+    """The vocab-parallel head and loss: the head's ``f`` all-reduce of the
+    ``(b, s, h)`` input gradient in backward, and the cross-entropy's 3
+    all-reduces of ``b·s`` numbers (max, target logit, Σ exp) — the logits are
+    never gathered (Shoeybi et al. 2019 §3): ``2·(b·s·h + 3·b·s)·(t−1)/t``."""
+    return 2.0 * (b * s * h + 3 * b * s) * (t - 1) / t
+
+
+def ep_moe_comm_bytes(sent_rows: int, received_rows: int, h: int, n_experts: int, ep: int,
+                      itemsize: int = 8) -> float:
+    """Bytes one rank moves per expert-parallel MoE layer and micro-batch
+    (GShard, Lepikhin et al. 2020 §2.2-3.1; Switch, Fedus et al. 2021 §2.2), in the
+    model above (each all-to-all's buffer leaves the rank but for its own
+    ``1/ep``; a collective lasts for its largest member, so ``sent_rows`` and
+    ``received_rows`` are the largest over the ep group):
+
+    * the dispatch and the gradient of the combine carry the rows sent,
+      the combine and the gradient of the dispatch the rows received:
+      ``2·(sent + received)·h·(ep−1)/ep`` elements;
+    * the router, replicated over ep: an all-reduce of its ``h × E`` gradient,
+      ``2·h·E·(ep−1)/ep`` elements;
+    * the kept counts, an all-gather of the ``ep × E`` int64 table: ``8·E·(ep−1)`` bytes.
+
+    With nothing dropped and uniform routing, ``sent = received = k·b·s``."""
+    rows = 2.0 * (sent_rows + received_rows) * h + 2.0 * h * n_experts
+    return itemsize * rows * (ep - 1) / ep + 8.0 * n_experts * (ep - 1)
+
+
+def tp_mlp_comm_elements(b: int, s: int, h: int, d_ff: int, t: int, naive: bool = False) -> float:
+    """Elements one device sends for one tensor-parallel MLP, forward + backward
+    (Shoeybi et al. 2019, §3, Fig. 3a).
+
+    Megatron (:class:`~simpar.parallel.tensor.mlp.ParallelMLP`): one all-reduce of ``bsh`` each way,
+    ``4·bsh·(t−1)/t``.  Naive (:class:`~simpar.parallel.tensor.mlp.NaiveTensorParallelMLP`): forward
+    all-gathers of ``bs·d_ff`` and ``bsh``, backward all-reduces of the same,
+    ``3·bs·(d_ff + h)·(t−1)/t`` (= ``15·bsh·(t−1)/t`` with ``d_ff = 4h``).
+    """
+    per_rank = (t - 1) / t
+    if naive:
+        return 3.0 * b * s * (d_ff + h) * per_rank
+    return 4.0 * b * s * h * per_rank
+
+
+def tp_activation_elements(b: int, s: int, h: int, n_head: int, t: int,
+                           d_ff: int | None = None, sequence_parallel: bool = False,
+                           recompute: str = "none") -> int:
+    """Elements one device saves for backward per transformer layer (exact).
+
+    The table in :mod:`simpar.parallel.tensor.transformer` lists every saved tensor.  With ``d_ff = 4h``,
+    next to Korthikanti et al. 2022, Table 2 (bytes, 16-bit, with dropout masks):
+
+    ======================  =================================  ==========================
+    recompute               simpar (elements)                  Korthikanti Table 2 (bytes)
+    ======================  =================================  ==========================
+    none, no parallelism    ``16bsh + 2bs + a·b·s²``           ``sbh(34 + 5as/h)``
+    none, TP                ``bsh(4 + 12/t) + 2bs + abs²/t``   ``sbh(10 + 24/t + 5as/(ht))``
+    none, TP + SP           ``bsh(2 + 14/t) + 2bs/t + abs²/t`` ``sbh(34 + 5as/h)/t``
+    selective, TP + SP      ``bsh(2 + 14/t) + 2bs/t``          ``34sbh/t``
+    full                    ``bsh`` (``bsh/t`` with SP)        ``2sbh``
+    ======================  =================================  ==========================
+
+    Selective recomputation removes exactly the ``a·b·s²/t`` term (the paper's
+    ``5as/h``: scores, softmax output and its dropout mask); selective without SP
+    is ``bsh(4 + 12/t) + 2bs``.  Full recomputation keeps only the layer's input,
+    which under SP is this rank's sequence shard (the paper's ``2sbh`` counts the
+    replicated input without SP).  ``t = 1`` gives the reference block either way.
+    """
+    check_recompute(recompute)
+    d_ff = 4 * h if d_ff is None else d_ff
+    bsh = b * s * h
+    if recompute == "full":
+        return bsh // t if sequence_parallel else bsh
+    probs = 0 if recompute == "selective" else n_head * b * s * s // t
+    split = 3 * bsh // t + bsh // t + 2 * b * s * d_ff // t + probs
+    gathered = 2 * bsh                                     # qkv and fc1 inputs
+    layernorms = 2 * (bsh + b * s)                         # x̂ and 1/σ, twice
+    if sequence_parallel:
+        layernorms //= t
+    return gathered + layernorms + split
+
+
+def recompute_flops(b: int, s: int, h: int, t: int, recompute: str,
+                    d_ff: int | None = None) -> float:
+    """FLOPs one device adds per layer and micro-batch by recomputing: ``"full"``
+    one more forward, ``(24bsh² + 4bs²h)/t`` with ``d_ff = 4h`` (Narayanan et al.
+    2021, appendix; so a step costs 4 forwards instead of 3); ``"selective"`` the
+    attention core ``QKᵀ`` and ``PV`` of this rank's heads, ``4bs²h/t``
+    (Korthikanti et al. 2022, §5: a few percent for large ``h``); ``"none"`` 0."""
+    check_recompute(recompute)
+    if recompute == "full":
+        return layer_forward_flops(b, s, h, d_ff) / t
+    if recompute == "selective":
+        return attention_flops(b, s, h) / t
+    return 0.0
 
 
 # ============================================================== activation memory

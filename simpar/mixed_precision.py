@@ -33,7 +33,7 @@ import numpy as np
 
 from . import trace
 from .nn.precision import FP16, HALF
-from .optim import SGD, AdamW
+from .optim import SGD, AdamW, Wrapped
 
 __all__ = ["LossScaler", "MixedPrecisionOptimizer", "count_underflow", "default_scaler",
            "OPTIMIZERS"]
@@ -100,7 +100,7 @@ def count_underflow(grads: Mapping[str, np.ndarray]) -> tuple[int, int]:
     return zeros, sum(int(g.size) for g in grads.values())
 
 
-class MixedPrecisionOptimizer:
+class MixedPrecisionOptimizer(Wrapped):
     """float32 master weights + a float32 optimizer over them, for a 16-bit model.
 
     ``params``: the model's live 16-bit arrays (updated in place, rounded from the
@@ -129,22 +129,6 @@ class MixedPrecisionOptimizer:
         trace.alloc("optimizer", sum(m.nbytes for m in self.master.values()))
         self.inner = cls(self.master, **hyper)
         self._g32: np.ndarray | None = None
-
-    # the inner optimizer's hyper-parameters, step count and state
-    @property
-    def lr(self) -> float:
-        return self.inner.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self.inner.lr = value
-
-    @property
-    def t(self) -> int:
-        return self.inner.t
-
-    def hyperparameters(self) -> dict:
-        return self.inner.hyperparameters()
 
     def state_nbytes(self) -> int:
         """Optimizer bytes: masters + the inner optimizer's state (K·Ψ, K = 12 for AdamW)."""

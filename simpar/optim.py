@@ -29,7 +29,7 @@ import numpy as np
 
 from . import trace
 
-__all__ = ["Optimizer", "SGD", "AdamW", "grad_norm", "clip_grad_norm"]
+__all__ = ["Optimizer", "SGD", "AdamW", "Wrapped", "grad_norm", "clip_grad_norm"]
 
 
 def _check_lr(lr) -> float:
@@ -161,6 +161,29 @@ class Optimizer:
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({len(self.params)} tensors, {hp}, t={self.t})"
+
+
+class Wrapped:
+    """An optimizer around an inner one (``self.inner``: mixed precision's float32
+    masters, ZeRO's shards): the learning rate (settable), step count and
+    hyper-parameters are the inner optimizer's."""
+
+    inner: Optimizer
+
+    @property
+    def lr(self) -> float:
+        return self.inner.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.inner.lr = value
+
+    @property
+    def t(self) -> int:
+        return self.inner.t
+
+    def hyperparameters(self) -> dict:
+        return self.inner.hyperparameters()
 
 
 class SGD(Optimizer):

@@ -4,10 +4,11 @@ backends, and leaves nothing running.
 Each row of ``CASES`` is a :class:`Case`: a function run on every rank, the
 error it must produce, words the message must contain, the world sizes where
 it applies, and how it runs under MPI.  The threads backend runs every case at
-every size it applies to (``launch``, 10 s limit); MPI runs a representative
-subset — the cases whose error every rank catches are batched into one
-``mpiexec`` per world size (this file is the MPI script too), the cases that
-end the job (a failing rank, a deadlock) get one ``mpiexec`` each.  Every run
+every size it applies to (``launch``, 10 s limit); under MPI the cases whose
+error every rank catches are batched into one ``mpiexec`` per world size, 1 to
+8 (this file is the MPI script too; sizes 5-7 cost 26 s of CI on 2 cores,
+measured), the cases that end the job (a failing rank, a deadlock) get one
+``mpiexec`` each, at one size.  Every run
 must end within 10 s per case, and no thread or process may be left behind.
 
 To add a case, append a ``Case`` to ``CASES`` (a module-level function, so
@@ -57,7 +58,7 @@ class Case:
     needles: tuple[str, ...] = ()
     sizes: tuple[int, ...] = SIZES
     mpi: str | None = "batch"                  # "batch", "alone" or None
-    mpi_sizes: tuple[int, ...] = (1, 2, 3, 4, 8)     # MPI runs those of ``sizes``
+    mpi_sizes: tuple[int, ...] = SIZES          # MPI runs those of ``sizes`` (1-8)
     mpi_needles: tuple[str, ...] | None = None  # "alone": in the job's output (default needles)
     mpi_expect: type[BaseException] | None = None   # batch: if not ``expect``
     raises_on: Callable[[int, int], bool] | None = None
@@ -270,6 +271,91 @@ def crossed_groups(c):
     second.all_reduce(np.ones(2))
 
 
+# -- parallel entry points: ranks that disagree, misuse (issue 11)
+def _events_before(c, fn):
+    """``fn()``'s error with the number of traced messages before it appended
+    (``[events 0]``: raised before the first message)."""
+    n0 = len(c.tracer.events)
+    try:
+        return fn()
+    except (ValueError, RuntimeError, KeyError) as e:
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise type(e)(f"{text} [events {len(c.tracer.events) - n0}]") from None
+
+
+def _pipeline(c, m, by=None, n_layer=9):
+    from simpar.nn import GPT, GPTConfig
+    from simpar.parallel.pipeline import make_schedule, run_schedule, stages_for_rank
+    sch = make_schedule("1f1b", c.size, m)
+    model = GPT(GPTConfig(vocab_size=11, seq_len=4, n_layer=n_layer, n_head=2, d_model=8))
+    stages = stages_for_rank(model, sch, c.rank, by or "layers")
+    ids = np.zeros((2, 4), np.int64)
+    _events_before(c, lambda: run_schedule(c, sch, stages, [ids] * m, [ids] * m))
+
+
+def pp_split_differs(c):
+    """rank 0 cuts 9 layers [1, …, 1, 10−p], the others [10−p, 1, …, 1]."""
+    ones = [1] * (c.size - 1)
+    _pipeline(c, 4, ones + [10 - c.size] if c.rank == 0 else [10 - c.size] + ones)
+
+
+def pp_micro_batches_differ(c):
+    """rank 0 runs m=5 micro-batches, the others m=4 (hung under mpiexec before)."""
+    _pipeline(c, 5 if c.rank == 0 else 4)
+
+
+def ep_top_k_differs(c):
+    from simpar.nn.moe import MoE
+    from simpar.parallel.expert import ExpertParallelMoE
+    ref = MoE(8, 2 * c.size, 16, k=1 if c.rank == 0 else 2, rng=0)
+    _events_before(c, lambda: ExpertParallelMoE.from_reference(ref, c))
+
+
+def _tp_gpt(c, sequence_parallel=False):
+    from simpar.nn import GPT, GPTConfig
+    from simpar.parallel.tensor import ParallelGPT
+    cfg = GPTConfig(vocab_size=11, seq_len=2 * c.size if sequence_parallel else 16, n_layer=1,
+                    n_head=c.size, d_model=4 * c.size)
+    return ParallelGPT.from_reference(GPT(cfg, seed=0), c, sequence_parallel)
+
+
+def tp_batch_shape_differs(c):
+    """the same number of tokens, (2, 6) on rank 0 and (3, 4) on the others."""
+    model = _tp_gpt(c)
+    ids = np.zeros((2, 6) if c.rank == 0 else (3, 4), np.int64)
+    _events_before(c, lambda: model.loss(ids, ids))
+
+
+def tp_finalize_twice(c):
+    """sequence parallelism: finalize_grads() after each of two accumulated losses."""
+    model = _tp_gpt(c, sequence_parallel=True)
+    ids = np.zeros((2, 2 * c.size), np.int64)
+    model.loss(ids, ids)
+    model.finalize_grads()
+    model.loss(ids, ids)
+    _events_before(c, model.finalize_grads)
+
+
+def _tp_block(c):
+    from simpar.nn import TransformerBlock
+    from simpar.parallel.tensor import ParallelTransformerBlock
+    ref = TransformerBlock(4 * c.size, c.size, rng=np.random.default_rng(0))
+    return ParallelTransformerBlock.from_reference(ref, c, sequence_parallel=True)
+
+
+def tp_backward_without_forward(c):
+    block = _tp_block(c)
+    dy = np.ones((2, 2, 4 * c.size))                  # this rank's sequence shard
+    _events_before(c, lambda: block.backward(dy, key=0))
+
+
+def tp_forward_twice(c):
+    block = _tp_block(c)
+    x = np.ones((2, 2, 4 * c.size))
+    block.forward(x, key=0)
+    _events_before(c, lambda: block.forward(x, key=0))
+
+
 _ON_1 = lambda r, p: r == 1          # noqa: E731
 _ON_NOT_LAST = lambda r, p: r != p - 1   # noqa: E731
 _WATCHDOG = {"SIMPAR_WATCHDOG_S": "2"}
@@ -345,6 +431,22 @@ CASES: list[Case] = [
          mpi_needles=("simpar watchdog", "rank 0: recv from rank 1 tag 2")),
     Case("crossed_groups", crossed_groups, DeadlockError,
          ("on tp (waiting for rank 1)", "on dp (waiting for rank 0)"), sizes=(4,), mpi=None),
+    # -- parallel entry points: disagreement and misuse, before the first message
+    Case("pp_split_differs", pp_split_differs, ValueError,
+         ("layer split", "rank 0: stage 0 = layers [0, 1)", "[events 0]"), sizes=MULTI),
+    Case("pp_micro_batches_differ", pp_micro_batches_differ, ValueError,
+         ("pipeline step", "rank 0: ('1f1b', ", "; rank", "[events 0]"), sizes=MULTI),
+    Case("ep_top_k_differs", ep_top_k_differs, ValueError,
+         ("expert-parallel MoE layer", "top_k", "rank 0: (8, ", ", 16, 1, 1.25", "; rank",
+          ", 16, 2, 1.25", "[events 0]"), sizes=MULTI),
+    Case("tp_batch_shape_differs", tp_batch_shape_differs, ValueError,
+         ("token batch", "(2, 6)", "(3, 4)", "[events 0]"), sizes=MULTI),
+    Case("tp_finalize_twice", tp_finalize_twice, RuntimeError,
+         ("finalize_grads() called twice", "[events 0]")),
+    Case("tp_backward_without_forward", tp_backward_without_forward, KeyError,
+         ("no saved activations for key 0", "backward without forward", "[events 0]")),
+    Case("tp_forward_twice", tp_forward_twice, RuntimeError,
+         ("already saved", "forward called twice", "[events 0]")),
 ]
 BY_NAME = {c.name: c for c in CASES}
 assert len(BY_NAME) == len(CASES), "case names must be unique"

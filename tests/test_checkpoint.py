@@ -21,7 +21,7 @@ from simpar.comm.mesh import Mesh
 from simpar.parallel.hybrid import build_model
 from simpar.parallel.zero import DistributedOptimizer
 from simpar.testing import TOL, compare, rel_error, worst
-from tests.checkpoint_checks import KW, RESUME, SAVE, P, run
+from tests.checkpoint_checks import KW, RESUME, SAVE, P, run, run_hybrid
 from tests.mpi_util import run_mpi
 
 
@@ -52,6 +52,9 @@ def test_resume_on_any_layout_equals_the_uninterrupted_run(saved, name):
 
 
 def test_resume_under_mpi(saved, tmp_path):
+    """The threads scenario under mpiexec: the uninterrupted run equals the threads
+    run; a resume on the same layout is bit for bit (losses and final
+    parameters), on another layout within TOL."""
     root = tmp_path / "mpi"
     out = run_mpi(8, "tests/scripts/checkpoint_mpi.py", "save", str(root), timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -68,12 +71,14 @@ def test_resume_under_mpi(saved, tmp_path):
     for ln in lines.splitlines():
         if ln.startswith("losses "):
             name, values = ln[len("losses "):].split(" [", 1)
-            got[name] = np.array(json.loads("[" + values))
-    full = got.pop("uninterrupted")
-    assert rel_error(full, saved[1]) <= TOL                    # MPI run = threads run
+            with np.load(root / "params" / f"{name}.npz") as f:
+                got[name] = (np.array(json.loads("[" + values)), {k: f[k] for k in f.files})
+    full_losses, full_params = got.pop("uninterrupted")
+    assert rel_error(full_losses, saved[1]) <= TOL            # MPI run = threads run
+    assert worst(compare(full_params, saved[2])) <= TOL
     assert set(got) == set(RESUME), got.keys()
-    for name, losses in got.items():
-        assert rel_error(losses, full[4:]) <= TOL, name
+    for name, result in got.items():
+        _resumed_equal(result, (full_losses[4:], full_params), same=RESUME[name] == SAVE)
 
 
 def test_index_names_every_slice_and_covers_each_tensor_once(saved):
@@ -242,28 +247,15 @@ def test_moe_experts_reshard_over_ep(tmp_path):
         assert worst(compare(got_params, params)) <= TOL
 
 
-def _sgd_run(comm, layout, stage, root, save_at=None, load=False, steps=4):
-    from tests.parallel.hybrid_checks import Layout, batches, make_reference
-    lay = Layout("s", layout)
-    X, Y = batches(lay)
-    model = build_model(make_reference(lay, layout.dp * lay.m), Mesh(comm, layout))
-    opt = DistributedOptimizer(model, stage, "sgd", lr=0.05, momentum=0.9, weight_decay=0.01)
-    start = ck.load(root, model, opt)["step"] if load else 0
-    losses = []
-    for t in range(start, steps):
-        if t == save_at:
-            ck.save(root, model, opt, {"step": t}, step=t)
-        model.zero_grad()
-        losses.append(model.step(X[t], Y[t], lay.m)["loss"])
-        opt.clip_grad_norm(0.5)
-        opt.step()
-    return np.array(losses)
+SGD = dict(optimizer="sgd", hyper=dict(lr=0.05, momentum=0.9, weight_decay=0.01))
 
 
 def test_sgd_momentum_reshards_and_the_optimizer_kind_is_checked(tmp_path):
-    full = simpar.launch(lambda c: _sgd_run(c, P(dp=2, tp=2), 2, tmp_path, save_at=2), 4)[0]
-    got = simpar.launch(lambda c: _sgd_run(c, P(dp=4), 3, tmp_path, load=True), 4)[0]
-    assert rel_error(got, full[2:]) <= TOL
+    full = simpar.launch(lambda c: run_hybrid(c, P(dp=2, tp=2), 2, tmp_path, save_at=2,
+                                              **SGD), 4)[0]
+    got = simpar.launch(lambda c: run_hybrid(c, P(dp=4), 3, tmp_path, load=True, **SGD), 4)[0]
+    assert rel_error(got[0], full[0][2:]) <= TOL
+    assert worst(compare(got[1], full[1])) <= TOL
 
     def wrong_kind(comm):
         from tests.parallel.hybrid_checks import Layout, make_reference
@@ -274,3 +266,62 @@ def test_sgd_momentum_reshards_and_the_optimizer_kind_is_checked(tmp_path):
             return str(e)
     msgs = simpar.launch(wrong_kind, 2)
     assert all("checkpoint optimizer is 'sgd', the run's is 'adamw'" in m for m in msgs), msgs
+
+
+# ---------------------------------------------- context-parallel layouts
+RING = {"context_parallel": "ring"}
+
+
+def _resumed_equal(got, want, same: bool) -> None:
+    """Losses and final parameters of a resumed run against the uninterrupted
+    one: bit for bit on the same layout, else within TOL."""
+    (losses, params), (full_losses, full_params) = got, want
+    if same:
+        np.testing.assert_array_equal(losses, full_losses)
+        for k in full_params:
+            np.testing.assert_array_equal(params[k], full_params[k])
+    else:
+        assert rel_error(losses, full_losses) <= TOL
+        assert worst(compare(params, full_params)) <= TOL
+
+
+def test_cp2_checkpoint_resumes_on_one_process_and_other_layouts(tmp_path):
+    """cp ranks replicate every parameter: only cp rank 0 writes it (each element
+    once), and the index records cp.  Saved by ``train`` at cp2 (ZeRO-0)."""
+    full, params = simpar.launch(lambda c: run(c, P(cp=2), 0, save=str(tmp_path),
+                                               save_every=4), 2)[0]
+    step4 = tmp_path / "step-00000004"
+    layout = ck.read_index(step4)["layout"]
+    assert (layout["cp"], layout["dp"], layout["world_size"]) == (2, 1, 2), layout
+    for resume, zero in ((P(), 0), (P(dp=2), 1), (P(cp=2), 0)):
+        got = simpar.launch(lambda c: run(c, resume, zero, resume=str(step4)),
+                            resume.world_size)[0]
+        _resumed_equal(got, (full[4:], params), same=resume == P(cp=2))
+
+
+def test_cp2xdp2_zero1_checkpoint_resumes_anywhere(tmp_path):
+    """ZeRO-1 over dp x cp: each rank writes its shard of the optimizer state."""
+    full = simpar.launch(lambda c: run_hybrid(c, P(cp=2, dp=2), 1, tmp_path, save_at=2,
+                                              options=RING), 4)[0]
+    index = ck.read_index(tmp_path)
+    assert index["layout"]["cp"] == 2 and index["optimizer"]["zero"] == 1
+    assert len({e["file"] for e in index["entries"] if e["kind"] == "m"}) == 4   # 4 owners
+    for layout, stage, opts in ((P(), 0, {}), (P(dp=2, tp=2), 2, {}),
+                                (P(cp=2, dp=2), 1, RING)):
+        got = simpar.launch(lambda c: run_hybrid(c, layout, stage, tmp_path, load=True,
+                                                 options=opts), layout.world_size)[0]
+        _resumed_equal(got, (full[0][2:], full[1]), same=stage == 1)
+
+
+def test_params_only_checkpoint_from_cp2xdp2_holds_each_element_once(tmp_path):
+    """``save`` without an optimizer (the ``_param_pieces`` path) at cp2 x dp2."""
+    from tests.parallel.hybrid_checks import Layout, make_reference
+    lay = Layout("c", P(cp=2, dp=2), RING)
+
+    def save(comm):
+        model = build_model(make_reference(lay), Mesh(comm, lay.config), **lay.options)
+        return ck.save(tmp_path, model)
+    simpar.launch(save, 4)
+    sd = ck.checkpoint_state_dict(tmp_path)              # coverage checked: once each
+    ref = make_reference(lay).state_dict()
+    assert set(sd) == set(ref) and worst(compare(sd, ref)) == 0.0

@@ -1,5 +1,11 @@
 """The reference neural network: pure forward/backward pairs, modules, and the GPT.
 
+The model is GPT-2's (Radford et al. 2019, §2.3), every sub-layer Vaswani et al.
+2017's (§3)::
+
+    h'ₗ = hₗ₋₁ + Attn(LN₁(hₗ₋₁)),   hₗ = h'ₗ + MLP(LN₂(h'ₗ)),
+    Attn: per head softmax(Q Kᵀ/√d + M) V (§3.2.1 eq. (1));  MLP: GELU(X W₁ + b₁) W₂ + b₂
+
 * :mod:`simpar.nn.functional` — stateless ``*_forward`` / ``*_backward`` pairs and
   FLOP counters;
 * :mod:`simpar.nn.module` — :class:`Module` (parameters, accumulating gradients,

@@ -5,6 +5,15 @@
     idx (b, s) ──► wte[idx] + wpe[:s] ──► blocks.0 … blocks.{L-1}
                ──► ln_f ──► lm_head ──► logits (b, s, vocab)
 
+GPT-2's model (Radford et al. 2019, §2.3: LayerNorm at the input of each
+sub-block and once more after the last block; the blocks of Vaswani et al. 2017,
+§3), with ``N`` tokens and learned positions::
+
+    h₀ = W_e[idx] + W_p[0:s]
+    h'ₗ = hₗ₋₁ + Attn(LN₁(hₗ₋₁)),   hₗ = h'ₗ + MLP(LN₂(h'ₗ))        l = 1 … L
+    logits = LN_f(h_L) · W_head          (tied: W_head = W_eᵀ)
+    loss = (1/N) Σₜ (log Σ_v exp logitsₜ,ᵥ − logitsₜ,targetₜ)
+
 Parameter names (``state_dict()`` keys): ``wte``, ``wpe``,
 ``blocks.{i}.ln1.{gamma,beta}``, ``blocks.{i}.attn.qkv.{W,b}`` (columns ``[q | k | v]``),
 ``blocks.{i}.attn.proj.{W,b}``, ``blocks.{i}.ln2.{gamma,beta}``,
@@ -27,7 +36,7 @@ import numpy as np
 
 from .. import trace
 from . import functional as F
-from .layers import LayerNorm, Linear, TransformerBlock, _check_ids, normal_init
+from .layers import LayerNorm, Linear, TransformerBlock, check_ids, normal_init
 from .module import Module, frozen
 from .precision import acc_dtype
 
@@ -60,7 +69,46 @@ class GPTConfig:
         return self.d_model // self.n_head
 
 
-class GPT(Module):
+class GPTPasses:
+    """The whole-model passes of a GPT from its two ends and its ``blocks`` (the
+    reference :class:`GPT` and the tensor-parallel
+    :class:`~simpar.parallel.tensor.ParallelGPT` alike): token ids → embedding →
+    blocks → head, and back."""
+
+    def _token_ids(self, idx) -> np.ndarray:
+        """``idx`` as an array of ids ``(batch, seq ≤ seq_len)`` in the vocabulary,
+        else a clear ``ValueError``/``TypeError``."""
+        idx = np.asarray(idx)
+        if idx.ndim != 2 or idx.shape[1] > self.config.seq_len:
+            raise ValueError(f"idx must be (batch, seq) with seq <= seq_len="
+                             f"{self.config.seq_len}, got shape {idx.shape}")
+        check_ids(idx, self.config.vocab_size)
+        return idx
+
+    def forward(self, idx, key=0):
+        """Token ids ``(b, s)`` → logits ``(b, s, vocab)`` (under tp: this rank's columns)."""
+        self._check_new_key(key)                  # before any message
+        x = self.embed_forward(idx, key)
+        for block in self.blocks:
+            x = block.forward(x, key)
+        return self.head_forward(x, key)
+
+    def backward_pass(self, dlogits, key=0, *, weights=True) -> None:
+        """Accumulate the parameter gradients from ``dlogits`` (returns ``None``);
+        ``weights=False``: the linear layers' wait for :meth:`backward_weights`."""
+        dx = self.head_backward(dlogits, key, weights=weights)
+        for block in reversed(self.blocks):
+            dx = block.backward_pass(dx, key, weights=weights)
+        self.embed_backward(dx, key)
+
+    def backward_weights(self, key=0) -> None:
+        """All weight gradients left by :meth:`backward_input` of ``key``."""
+        self.head_backward_weights(key)
+        for block in reversed(self.blocks):
+            block.backward_weights(key)
+
+
+class GPT(GPTPasses, Module):
     """Decoder-only transformer, pre-LayerNorm, causal, GELU (tanh), no dropout.
 
     ``recompute``: activation recomputation of every block, ``"none"``,
@@ -85,11 +133,7 @@ class GPT(Module):
     # ------------------------------------------------------ embedding end
     def embed_forward(self, idx, key=0):
         """``x = wte[idx] + wpe[:s]`` for token ids ``idx`` of shape ``(b, s)``."""
-        idx = np.asarray(idx)
-        if idx.ndim != 2 or idx.shape[1] > self.config.seq_len:
-            raise ValueError(f"idx must be (batch, seq) with seq <= seq_len="
-                             f"{self.config.seq_len}, got shape {idx.shape}")
-        _check_ids(idx, self.config.vocab_size)
+        idx = self._token_ids(idx)
         with trace.compute("embedding.forward", flops=0.0):
             x = F.embedding_forward(idx, self.params["wte"])
             x += self.params["wpe"][:idx.shape[1]]
@@ -149,28 +193,7 @@ class GPT(Module):
                 dWt, _ = F.linear_backward_weight(saved["dlogits"], saved["xn"])
                 self.grads["wte"] += dWt.T
 
-    def backward_weights(self, key=0) -> None:
-        """All weight gradients left by :meth:`backward_input` of ``key``."""
-        self.head_backward_weights(key)
-        for block in reversed(self.blocks):
-            block.backward_weights(key)
-
     # -------------------------------------------------------- whole model
-    def forward(self, idx, key=0):
-        """Token ids ``(b, s)`` → logits ``(b, s, vocab)``."""
-        x = self.embed_forward(idx, key)
-        for block in self.blocks:
-            x = block.forward(x, key)
-        return self.head_forward(x, key)
-
-    def backward_pass(self, dlogits, key=0, *, weights=True) -> None:
-        """Accumulate the parameter gradients from ``dlogits`` (returns ``None``);
-        ``weights=False``: the linear layers' wait for :meth:`backward_weights`."""
-        dx = self.head_backward(dlogits, key, weights=weights)
-        for block in reversed(self.blocks):
-            dx = block.backward_pass(dx, key, weights=weights)
-        self.embed_backward(dx, key)
-
     def loss(self, idx, targets, key=0) -> float:
         """Forward, mean cross-entropy, full backward (gradients accumulate); the loss."""
         logits = self.forward(idx, key)

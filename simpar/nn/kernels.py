@@ -5,12 +5,15 @@ The models (:mod:`simpar.nn.layers`, the tensor-parallel layers) call the kernel
 here instead, which compute the same values (tested equal in float64 to 1e-12,
 ``tests/nn/test_kernels.py``) with the same signatures and caches, only faster:
 
-* :func:`gelu_fast`, :func:`gelu_backward_fast` — :func:`~.functional.gelu`,
-  :func:`~.functional.gelu_backward` over cache blocks, in place;
+* :func:`gelu_fast`, :func:`gelu_backward_fast` — ``0.5x(1 + tanh(√(2/π)(x +
+  0.044715x³)))`` (Hendrycks & Gimpel 2016, §2) as :func:`~.functional.gelu`,
+  over cache blocks, in place;
 * :func:`layernorm_forward_fast`, :func:`layernorm_backward_fast` —
-  :func:`~.functional.layernorm_forward` / ``_backward`` over blocks of rows;
-* :func:`attention_forward_fast`, :func:`attention_backward_fast` —
-  :func:`~.functional.causal_attention_forward` / ``_backward`` over groups of
+  ``γ(x − μ)/√(σ² + ε) + β`` (Ba et al. 2016, §3) as
+  :func:`~.functional.layernorm_forward` / ``_backward``, over blocks of rows;
+* :func:`attention_forward_fast`, :func:`attention_backward_fast` — per head
+  ``softmax(Q Kᵀ/√d + M) V`` (Vaswani et al. 2017, §3.2.1 eq. (1)) as
+  :func:`~.functional.causal_attention_forward` / ``_backward``, over groups of
   heads, with the softmax in place in the saved scores.
 
 **Why blocks.**  An element-wise chain such as GELU is about ten NumPy passes over

@@ -1,5 +1,17 @@
 """Stateful layers of a GPT, built on the pure pairs of :mod:`simpar.nn.functional`.
 
+What each layer computes (the equations, with their papers, are those of
+:mod:`~simpar.nn.functional`)::
+
+    Linear               Y = X W + b                         (Shoeybi et al. 2019 §3 notation)
+    LayerNorm            γ ⊙ (x − μ)/√(σ² + ε) + β           (Ba et al. 2016 §3)
+    MLP                  GELU(X W₁ + b₁) W₂ + b₂             (Vaswani et al. 2017 §3.3; GELU:
+                                                              Hendrycks & Gimpel 2016 §2)
+    CausalSelfAttention  [Q|K|V] = X W_qkv;  per head softmax(Q Kᵀ/√d + M) V;
+                         concat(heads) W_o                   (Vaswani et al. 2017 §3.2.1-§3.2.3)
+    TransformerBlock     x + Attn(LN₁(x)), then + MLP(LN₂(·))   (Radford et al. 2019 §2.3)
+    Embedding            y = E[ids]                          (Vaswani et al. 2017 §3.4)
+
 Each class keeps its ``forward`` and ``backward`` side by side.  Inputs from the
 caller are saved as copies (see :mod:`simpar.nn.module`); gradients accumulate.
 
@@ -205,10 +217,7 @@ class TransformerBlock(Module):
     def forward(self, x, key=0):
         b, s = x.shape[0], x.shape[1]
         with trace.compute(f"{self.trace_name}.forward", flops=self.flops(b, s)):
-            y = self._forward(x, key)
-        if self.recompute == "full":
-            self._keep_input_only(x, key)
-        return y
+            return self._forward_recomputable(x, key)
 
     def _forward(self, x, key):
         x1 = self.attn.forward(frozen(self.ln1.forward(x, key)), key)
@@ -260,7 +269,7 @@ class Embedding(Module):
 
     def forward(self, ids, key=0):
         ids = np.asarray(ids)
-        _check_ids(ids, self.vocab)
+        check_ids(ids, self.vocab)
         self._save(key, copy={"ids": ids})
         return F.embedding_forward(ids, self.params["W"])
 
@@ -271,7 +280,8 @@ class Embedding(Module):
         return None
 
 
-def _check_ids(ids: np.ndarray, vocab: int) -> None:
+def check_ids(ids: np.ndarray, vocab: int) -> None:
+    """Integer ids in ``[0, vocab)``, else a ``TypeError``/``ValueError``."""
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):

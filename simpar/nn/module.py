@@ -56,15 +56,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import trace
-
-RECOMPUTE_MODES = ("none", "selective", "full")
-
-
-def check_recompute(mode) -> str:
-    """``mode`` if it is one of :data:`RECOMPUTE_MODES`, else ``ValueError``."""
-    if mode not in RECOMPUTE_MODES:
-        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
-    return mode
+from ..formulas import RECOMPUTE_MODES, check_recompute  # noqa: F401 (re-exported)
 
 
 def frozen(a: np.ndarray) -> np.ndarray:
@@ -225,6 +217,15 @@ class Module:
         self._saved[(slot, key)] = (saved, nbytes)
         trace.alloc("activations", nbytes)
 
+    def _check_new_key(self, key) -> None:
+        """Before a forward's first message: ``RuntimeError`` if this module (or a
+        descendant) still holds activations of ``key`` (a second forward of the
+        same micro-batch before its backward)."""
+        if key in self.saved_keys():
+            raise RuntimeError(
+                f"{type(self).__name__}: activations for key {key!r} are already saved "
+                f"(forward called twice for the same micro-batch without a backward)")
+
     def _pop(self, key, *, slot: str = "") -> dict:
         """Take back (and free) what :meth:`_save` stored for ``key``."""
         try:
@@ -298,6 +299,14 @@ class Module:
         its descendants saved for ``key`` and keep a copy of the input ``x``."""
         self.clear_saved(key)
         self._save(key, copy={"x": x}, slot="recompute")
+
+    def _forward_recomputable(self, x, key):
+        """``self._forward(x, key)``; under full recomputation (``self.recompute
+        == "full"``) then keep only the input (:meth:`_keep_input_only`)."""
+        y = self._forward(x, key)
+        if self.recompute == "full":
+            self._keep_input_only(x, key)
+        return y
 
     def _recompute_forward(self, key, name: str, flops: float) -> None:
         """Full recomputation, start of backward: run ``self._forward`` again on

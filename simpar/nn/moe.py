@@ -292,52 +292,11 @@ class MoE(Module):
                         for e in range(n_experts)}
         self.stats: dict = {}            # key -> MoEStats of the last forward with that key
 
-    # ---------------------------------------------------------- routing
-    def _route_groups(self, X: np.ndarray, key):
-        """Router, softmax, top-k and capacity for every group (compute region
-        ``<name>.router.forward``, whose event also carries the load statistics)."""
-        T = X.shape[0]
-        if T % self.groups:
-            raise ValueError(f"MoE: {T} tokens cannot be split into groups={self.groups} "
-                             f"equal groups")
-        Tg = T // self.groups
-        record: dict = {}           # filled below; the tracer stores it with the event
-        with trace.compute(f"{self.trace_name}.router.forward",
-                           flops=router_flops(T, self.h, self.n_experts), moe=record):
-            z = F.linear_forward(X, self.router.params["W"])
-            p = F.softmax(z)
-            C = expert_capacity(Tg, self.n_experts, self.k, self.capacity_factor)
-            routes, lb, zl = [], [], []
-            for g in range(self.groups):
-                rows = slice(g * Tg, (g + 1) * Tg)
-                routes.append(route(p[rows], self.k, C, self.drop_policy))
-                lb.append(load_balance_loss(p[rows], routes[-1].experts)[0])
-                zl.append(router_z_loss(z[rows], p[rows])[0])
-            stats = self._make_stats(routes, C, float(np.mean(lb)), float(np.mean(zl)))
-            record.update(stats.as_dict())
-        self.stats[key] = stats
-        return z, p, routes
-
-    def _make_stats(self, routes, capacity, balance, zloss) -> MoEStats:
-        return MoEStats(sum(r.routed_per_expert() for r in routes),
-                        sum(r.kept_per_expert() for r in routes), capacity, balance, zloss,
-                        self.balance_coef * balance + self.z_coef * zloss)
-
-    def _aux_backward(self, z, p, routes, dprobs, dz) -> None:
-        """Add the auxiliary losses' gradients (mean over groups, times
-        ``aux_scale``) to ``dprobs`` and ``dz`` in place."""
-        Tg = z.shape[0] // len(routes)
-        w = self.aux_scale / len(routes)
-        for g, r in enumerate(routes):
-            rows = slice(g * Tg, (g + 1) * Tg)
-            dprobs[rows] += (w * self.balance_coef) * load_balance_loss(p[rows], r.experts)[1]
-            dz[rows] += (w * self.z_coef) * router_z_loss(z[rows], p[rows])[1]
-
     # ---------------------------------------------------------- forward
     def forward(self, x, key=0):
         check_input(x, self.h)
         X = x.reshape(-1, self.h)
-        z, p, routes = self._route_groups(X, key)
+        z, p, routes = route_groups(self, X, key, self.groups)
         Tg = X.shape[0] // self.groups
         experts = np.concatenate([r.experts for r in routes])
         gates = np.concatenate([r.gates for r in routes])
@@ -385,16 +344,9 @@ class MoE(Module):
             for e, expert in self.experts.items():
                 dX[tok[s["per_expert"][e]]] += expert.backward_pass(douts[e], key,
                                                                     weights=weights)
-        T = X.shape[0]
-        with trace.compute(f"{self.trace_name}.router.backward",
-                           flops=2 * router_flops(T, self.h, self.n_experts)):
-            dprobs = top_k_backward(dgates, s["p"], s["experts"], gates)
-            dz = np.zeros_like(s["z"])
-            self._aux_backward(s["z"], s["p"], s["routes"], dprobs, dz)
-            dz += F.softmax_backward(dprobs, s["p"])
-            dXr, dW, _ = F.linear_backward(dz, X, self.router.params["W"])
-            self.router.grads["W"] += dW
-            dX += dXr
+        dXr, dW = router_backward(self, X, s["z"], s["p"], s["routes"], dgates)
+        self.router.grads["W"] += dW
+        dX += dXr
         return dX.reshape(dy.shape)
 
     def backward_weights(self, key=0) -> None:
@@ -406,6 +358,57 @@ class MoE(Module):
         """Router plus ``k`` expert MLPs per token (no token dropped)."""
         T = batch * seq
         return router_flops(T, self.h, self.n_experts) + expert_flops(self, self.k * T)
+
+
+# --------------------------------- the router (shared with parallel/expert.py)
+def route_groups(layer: Module, X: np.ndarray, key, groups: int):
+    """Router, softmax, top-k and capacity of ``layer`` for ``groups`` equal groups
+    of the tokens ``X`` (compute region ``<name>.router.forward``, whose event also
+    carries the load statistics, kept in ``layer.stats[key]``).  Returns
+    ``(z, p, routes)``: logits, probabilities, one :class:`Routing` per group."""
+    T = X.shape[0]
+    if T % groups:
+        raise ValueError(f"MoE: {T} tokens cannot be split into groups={groups} equal groups")
+    Tg = T // groups
+    record: dict = {}           # filled below; the tracer stores it with the event
+    with trace.compute(f"{layer.trace_name}.router.forward",
+                       flops=router_flops(T, layer.h, layer.n_experts), moe=record):
+        z = F.linear_forward(X, layer.router.params["W"])
+        p = F.softmax(z)
+        C = expert_capacity(Tg, layer.n_experts, layer.k, layer.capacity_factor)
+        routes, lb, zl = [], [], []
+        for g in range(groups):
+            rows = slice(g * Tg, (g + 1) * Tg)
+            routes.append(route(p[rows], layer.k, C, layer.drop_policy))
+            lb.append(load_balance_loss(p[rows], routes[-1].experts)[0])
+            zl.append(router_z_loss(z[rows], p[rows])[0])
+        balance, zloss = float(np.mean(lb)), float(np.mean(zl))
+        stats = MoEStats(sum(r.routed_per_expert() for r in routes),
+                         sum(r.kept_per_expert() for r in routes), C, balance, zloss,
+                         layer.balance_coef * balance + layer.z_coef * zloss)
+        record.update(stats.as_dict())
+    layer.stats[key] = stats
+    return z, p, routes
+
+
+def router_backward(layer: Module, X: np.ndarray, z, p, routes, dgates):
+    """The router's part of the backward (region ``<name>.router.backward``):
+    through top-k, the auxiliary losses (mean over groups, times
+    ``layer.aux_scale``) and the softmax.  Returns ``(dX from the router, dW)``."""
+    with trace.compute(f"{layer.trace_name}.router.backward",
+                       flops=2 * router_flops(X.shape[0], layer.h, layer.n_experts)):
+        experts = np.concatenate([r.experts for r in routes])
+        gates = np.concatenate([r.gates for r in routes])
+        dprobs = top_k_backward(dgates, p, experts, gates)
+        dz = np.zeros_like(z)
+        Tg, w = z.shape[0] // len(routes), layer.aux_scale / len(routes)
+        for g, r in enumerate(routes):
+            rows = slice(g * Tg, (g + 1) * Tg)
+            dprobs[rows] += (w * layer.balance_coef) * load_balance_loss(p[rows], r.experts)[1]
+            dz[rows] += (w * layer.z_coef) * router_z_loss(z[rows], p[rows])[1]
+        dz += F.softmax_backward(dprobs, p)
+        dXr, dW, _ = F.linear_backward(dz, X, layer.router.params["W"])
+    return dXr, dW
 
 
 # ----------------------------------------- expert regions (shared with parallel/expert.py)

@@ -3,6 +3,10 @@
 ::
 
     MoETransformerBlock:  x = x + attn(ln1(x));  x = x + moe(ln2(x))
+    moe(x) = Σ_{i ∈ top-k} gᵢ(x) Eᵢ(x),   g from p = softmax(x W_r)
+                                         (Fedus et al. 2021, Switch, §2.1 eq. (1)-(2))
+    loss   = cross-entropy + Σ_{MoE layers} (α·N·Σᵢ fᵢPᵢ + β·z-loss)
+                                         (ibid. §2.2 eq. (4); Zoph et al. 2022 eq. (5))
 
 ``MoEGPTConfig`` is a :class:`~simpar.nn.gpt.GPTConfig` with the MoE settings;
 ``moe_layers`` picks the blocks that get an MoE (``None``: every block; ``()``:
@@ -87,10 +91,7 @@ class MoETransformerBlock(Module):
         return self.attn.flops(b, s)
 
     def forward(self, x, key=0):
-        y = self._forward(x, key)
-        if self.recompute == "full":
-            self._keep_input_only(x, key)
-        return y
+        return self._forward_recomputable(x, key)
 
     def _forward(self, x, key):
         b, s = x.shape[0], x.shape[1]

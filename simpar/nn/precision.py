@@ -22,7 +22,8 @@ runs on float32 copies of its 16-bit inputs and rounds its result to 16 bits::
 kernels of :mod:`simpar.nn.functional`, :mod:`simpar.nn.kernels` and the
 vocab-parallel loss carry it, and with float32/float64 arguments it calls the
 kernel unchanged.  The float32 master weights, the loss scale and the optimizer
-wrapper are in :mod:`simpar.optim` (:class:`~simpar.optim.MixedPrecision`).
+wrapper are in :mod:`simpar.mixed_precision`
+(:class:`~simpar.mixed_precision.MixedPrecisionOptimizer`).
 """
 from __future__ import annotations
 

@@ -58,12 +58,11 @@ import numpy as np
 
 from .. import trace
 from ..comm import Comm
-from ..nn import functional as F
 from ..nn.layers import MLP, Linear
 from ..nn.module import Module, frozen
-from ..nn.moe import (MoE, MoEStats, check_input, check_moe_config, expert_capacity,
-                      expert_flops, experts_backward_region, experts_backward_weights,
-                      load_balance_loss, route, router_flops, router_z_loss, top_k_backward)
+from ..nn.moe import (MoE, check_input, check_moe_config, expert_flops,
+                      experts_backward_region, experts_backward_weights, route_groups,
+                      router_backward, router_flops)
 
 __all__ = ["ExpertParallelMoE", "check_expert_parallel"]
 
@@ -119,25 +118,6 @@ class ExpertParallelMoE(Module):
         layer.load_state_dict({name: sd[name] for name in layer.parameters()})
         return layer
 
-    # ----------------------------------------------------------- routing
-    def _route(self, X: np.ndarray, key):
-        """Router, top-k and capacity for this rank's tokens (one GShard group)."""
-        T = X.shape[0]
-        record: dict = {}           # filled below; the tracer stores it with the event
-        with trace.compute(f"{self.trace_name}.router.forward",
-                           flops=router_flops(T, self.h, self.n_experts), moe=record):
-            z = F.linear_forward(X, self.router.params["W"])
-            p = F.softmax(z)
-            C = expert_capacity(T, self.n_experts, self.k, self.capacity_factor)
-            r = route(p, self.k, C, self.drop_policy)
-            lb = load_balance_loss(p, r.experts)[0]
-            zl = router_z_loss(z, p)[0]
-            stats = MoEStats(r.routed_per_expert(), r.kept_per_expert(), C, lb, zl,
-                             self.balance_coef * lb + self.z_coef * zl)
-            record.update(stats.as_dict())
-        self.stats[key] = stats
-        return z, p, r
-
     def _receive_layout(self, kept_table: np.ndarray) -> dict:
         """Rows of the dispatch receive buffer that belong to each of my experts.
 
@@ -153,7 +133,7 @@ class ExpertParallelMoE(Module):
     def forward(self, x, key=0):
         check_input(x, self.h)
         X = x.reshape(-1, self.h)
-        z, p, r = self._route(X, key)
+        z, p, (r,) = route_groups(self, X, key, 1)     # my tokens: one GShard group
         tok, cho = r.dispatch()                          # rows to send, sorted by expert
         kept = r.kept_per_expert()
         send_counts = kept.reshape(self.comm.size, self.n_local).sum(axis=1)
@@ -198,17 +178,11 @@ class ExpertParallelMoE(Module):
         # gradient of the dispatch: travels like the combine
         dx_sent, _ = self.comm.all_to_all(dx_recv, s["recv_counts"])
         dX = np.zeros_like(X)
-        with trace.compute(f"{self.trace_name}.router.backward",
-                           flops=2 * router_flops(X.shape[0], self.h, self.n_experts)):
-            np.add.at(dX, tok, dx_sent)                 # the experts' input gradients
-            dgates = np.zeros_like(r.gates)
-            dgates[tok, cho] = dgate_sent
-            dprobs = top_k_backward(dgates, s["p"], r.experts, r.gates)
-            dprobs += (self.aux_scale * self.balance_coef) * load_balance_loss(s["p"], r.experts)[1]
-            dz = (self.aux_scale * self.z_coef) * router_z_loss(s["z"], s["p"])[1]
-            dz += F.softmax_backward(dprobs, s["p"])
-            dXr, dW, _ = F.linear_backward(dz, X, self.router.params["W"])
-            dX += dXr
+        np.add.at(dX, tok, dx_sent)                     # the experts' input gradients
+        dgates = np.zeros_like(r.gates)
+        dgates[tok, cho] = dgate_sent
+        dXr, dW = router_backward(self, X, s["z"], s["p"], [r], dgates)
+        dX += dXr
         # the router is replicated: sum its gradient over the group
         self.comm.all_reduce(dW, out=dW)
         self.router.grads["W"] += dW

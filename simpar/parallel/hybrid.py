@@ -192,6 +192,7 @@ class HybridModel:
             self._use_context_parallel()
         self._make_buckets()
         self._synced = False
+        self._counted: dict[tuple[str, bool], bool] = {}     # counted_once, cached
         self.zero = None       # a ZeRO DistributedOptimizer (stages 1-3) sets itself here
 
     # --------------------------------------------------------- parameters
@@ -341,31 +342,45 @@ class HybridModel:
         return {"loss": ce + aux, "ce": ce, "aux": aux, "result": result}
 
     # ------------------------------------------------------- global norm
+    def replicas(self, name: str) -> Comm:
+        """The group whose ranks hold the same shard of ``name`` and sum its
+        gradient (table above): ``edp`` for experts and routers, ``dp_cp`` (``dp``
+        when ``cp = 1``) for dense parameters."""
+        return self.mesh.edp if name in self._expert_names() else self.mesh.dp_cp
+
+    def counted_once(self, name: str, *, data_replicas: bool = True) -> bool:
+        """Whether this rank counts (and saves) its elements of ``name`` once for
+        the whole model — the one rule of the global norm and of checkpoints:
+        tp-replicated tensors on tp rank 0, routers on ep rank 0, a tied ``wte``
+        on the first stage, and, with ``data_replicas``, rank 0 of
+        :meth:`replicas` (ZeRO passes ``False``: its shard owner counts)."""
+        key = (name, data_replicas)
+        if key not in self._counted:
+            c = self.mesh.coords
+            once = not (name == "wte" and 0 not in self.stages)
+            if name.endswith("router.W") and name in self._expert_names():
+                once = once and c.ep == 0
+            if c.tp != 0:
+                once = once and name in set().union(*(st.tp_sharded()
+                                                      for st in self.stages.values()))
+            if data_replicas:
+                once = once and self.replicas(name).rank == 0
+            self._counted[key] = once
+        return self._counted[key]
+
     def grad_norm(self) -> float:
         """L2 norm of the whole model's gradient: every distinct element once
-        (tp-replicated on tp rank 0, dp-replicated on dp rank 0, experts on edp
-        rank 0, routers on ep rank 0, the tied ``wte`` on the first stage);
-        one all-reduce over the world."""
+        (:meth:`counted_once`); one all-reduce over the world."""
         if self.zero is not None:                 # ZeRO: from the gradient shards
             return self.zero.grad_norm()
-        c, mesh = self.mesh.coords, self.mesh
-        experts = self._expert_names()
-        sharded = set().union(*(st.tp_sharded() for st in self.stages.values()))
-        first_holds_wte = 0 in self.stages
         total = 0.0
         for name, g in self.gradients().items():
-            if name == "wte" and not first_holds_wte:
-                continue                          # the last stage's copy of a tied wte
-            if name in experts:
-                counted = mesh.edp.rank == 0 and (c.ep == 0 or not name.endswith("router.W"))
-            else:
-                counted = c.dp == 0 and c.cp == 0
-            if counted and (name in sharded or c.tp == 0):
+            if self.counted_once(name):
                 flat = g.ravel()
                 if flat.dtype in HALF:            # 16-bit gradients: sum squares in float32
                     flat = flat.astype(np.float32)
                 total += float(np.dot(flat, flat))
-        return math.sqrt(float(mesh.world.all_reduce(np.array([total]))[0]))
+        return math.sqrt(float(self.mesh.world.all_reduce(np.array([total]))[0]))
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Scale every shard so the global norm is at most ``max_norm``; the norm before."""

@@ -2,7 +2,7 @@
 (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
 Parameter Models", §5 memory, §7 communication).
 
-Per device, with Ψ parameters replicated over ``N`` data-parallel ranks and K bytes
+Per device, with Ψ parameters replicated over ``N`` ranks and K bytes
 of optimizer state per parameter (§5, Figure 1; mixed-precision Adam: 2 + 2 + K,
 K = 12)::
 
@@ -23,8 +23,10 @@ Elements each rank sends per step (§7, ring model)::
     ZeRO-3               3 Ψ (N-1)/N     + a second all-gather (forward and backward), 1.5x
 
 **Layout.** The parameters a rank holds (its tensor/pipeline shard) are laid out in
-one flat buffer per replication group — dense parameters over ``dp``, experts over
-``edp`` — in backward order, and cut into **segments**: buckets of ``bucket_bytes``
+one flat buffer per replication group — dense parameters over ``dp × cp``
+(``mesh.dp_cp``: context-parallel ranks hold the same weights and their gradients
+are summed too, as in Megatron's distributed optimizer), experts over ``edp`` — so
+``N = dp·cp`` for dense and ``N = dp/ep`` for expert parameters — in backward order, and cut into **segments**: buckets of ``bucket_bytes``
 for stages 1 and 2, one segment per layer (embedding, each block, head) for stage 3.
 Each segment is padded to a multiple of ``N`` and rank ``r`` owns its ``r``-th
 ``1/N``; the optimizer (:mod:`simpar.optim`, unchanged math, element-wise) is built
@@ -46,8 +48,8 @@ explicit calls around each layer (:meth:`DistributedOptimizer.run_schedule`), wi
 no hook and no hidden state.
 
 Supported: stages 0 and 1 with every layout of :func:`~simpar.parallel.hybrid.build_model`
-(experts sharded over ``edp``); stage 2 likewise; stage 3 with ``dp × tp`` layouts of a
-dense GPT (``pp = ep = 1``, no sequence parallelism).  Other combinations, and
+(experts sharded over ``edp``); stage 2 likewise; stage 3 with ``dp × cp × tp`` layouts
+of a dense GPT (``pp = ep = 1``, no sequence parallelism).  Other combinations, and
 overlapped buckets with ZeRO, raise a ``ValueError`` on every rank before any message.
 """
 from __future__ import annotations
@@ -60,7 +62,7 @@ import numpy as np
 
 from .. import trace
 from ..comm import Comm
-from ..optim import SGD, AdamW, clip_grad_norm
+from ..optim import SGD, AdamW, Wrapped, clip_grad_norm
 from .data import DEFAULT_BUCKET_BYTES, check_bucket_bytes
 from .pipeline import StepResult
 from .pipeline.executor import check_run_args
@@ -90,23 +92,9 @@ def check_zero(stage, mesh_config, *, moe: bool = False, sequence_parallel: bool
         if sequence_parallel:
             unsupported.append("sequence_parallel=True")
         if unsupported:
-            raise ValueError("ZeRO-3 is supported with dp x tp layouts of a dense GPT so far "
+            raise ValueError("ZeRO-3 is supported with dp x tp (x cp) layouts of a dense GPT so far "
                              f"(pp=1, ep=1, no sequence parallelism); got {', '.join(unsupported)}")
     return stage
-
-
-def counted_once(model, name: str) -> bool:
-    """Whether this rank counts (and saves) its elements of ``name`` once for the
-    whole model, among the ranks that replicate it other than over dp/edp:
-    tp-replicated tensors on tp rank 0, routers on ep rank 0, a tied ``wte`` on
-    the first stage.  (Over dp/edp: the ZeRO owner, or rank 0 without ZeRO.)"""
-    c = model.mesh.coords
-    if name == "wte" and 0 not in model.stages:
-        return False
-    experts = model._expert_names()
-    if name in experts and name.endswith("router.W") and c.ep != 0:
-        return False
-    return c.tp == 0 or name in set().union(*(st.tp_sharded() for st in model.stages.values()))
 
 
 class _Group:
@@ -215,7 +203,7 @@ class _Group:
         return (hi - lo) * self.dtype.itemsize
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(Wrapped):
     """ZeRO stage ``stage`` over the data-parallel group(s) of ``model`` (a
     :class:`~simpar.parallel.hybrid.HybridModel`); ``optimizer`` ``"adamw"`` or
     ``"sgd"`` with its hyper-parameters (those of :mod:`simpar.optim`)::
@@ -234,6 +222,30 @@ class DistributedOptimizer:
     """
 
     def __init__(self, model, stage: int = 1, optimizer: str = "adamw", **hyper) -> None:
+        self.stage = self._check(model, stage, optimizer)
+        self.model, self.mesh, self.kind = model, model.mesh, optimizer
+        self.bucket_bytes = check_bucket_bytes(getattr(model, "bucket_bytes", DEFAULT_BUCKET_BYTES))
+        cls = OPTIMIZERS[optimizer]
+        probe = cls({}, **hyper)                # checks the hyper-parameters (every rank)
+        self.mesh.world.agree("ZeRO optimizer (stage, optimizer, hyper-parameters)",
+                              (self.stage, optimizer,
+                               tuple(sorted(probe.hyperparameters().items()))))
+        params = model.parameters()
+        self.experts = model._expert_names()
+        self.units = self._units() if self.stage == 3 else None
+        self.groups = self._layout(params, model.gradients()) if self.stage >= 1 else []
+        self.inner = self._optimizer_state(cls, hyper, params)
+        self._account(params)
+        if self.stage >= 1:
+            model.zero = self                   # the model's hooks call us from now on
+        if self.stage == 3:
+            for g in self.groups:               # parameters live only as shards
+                for n in g.params:
+                    g.params[n].fill(np.nan)
+
+    @staticmethod
+    def _check(model, stage, optimizer: str) -> int:
+        """Every argument check that needs no message; returns the stage."""
         from .hybrid import HybridModel
         from ..nn.moe_gpt import MoEGPTConfig
         if not isinstance(model, HybridModel):
@@ -241,70 +253,59 @@ class DistributedOptimizer:
                             f"{type(model).__name__}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-        mesh, cfg = model.mesh, model.mesh.config
-        self.stage = check_zero(stage, cfg, moe=isinstance(model.config, MoEGPTConfig),
-                                sequence_parallel=model.sequence_parallel, overlap=model.overlap)
+        stage = check_zero(stage, model.mesh.config, moe=isinstance(model.config, MoEGPTConfig),
+                           sequence_parallel=model.sequence_parallel, overlap=model.overlap)
         if getattr(model, "zero", None) is not None:
             raise ValueError("this model already has a distributed optimizer")
-        self.model, self.mesh, self.kind = model, mesh, optimizer
-        cls = OPTIMIZERS[optimizer]
-        self.bucket_bytes = check_bucket_bytes(getattr(model, "bucket_bytes", DEFAULT_BUCKET_BYTES))
-        # hyper-parameters are checked by the optimizer class (a throw-away instance)
-        probe = cls({}, **hyper)
-        mesh.world.agree("ZeRO optimizer (stage, optimizer, hyper-parameters)",
-                         (self.stage, optimizer, tuple(sorted(probe.hyperparameters().items()))))
-        params, grads = model.parameters(), model.gradients()
-        self.experts = model._expert_names()
-        self._counted_cache: dict[str, bool] = {}
-        units = self._units() if self.stage == 3 else None
-        order = [n for u in units.values() for n in u] if units else self._backward_order()
-        dense = [n for n in order if n not in self.experts]
-        expert = [n for n in order if n in self.experts]
-        self.groups: list[_Group] = []
-        if self.stage >= 1:
-            for kind, names, comm in (("dense", dense, mesh.dp), ("expert", expert, mesh.edp)):
-                if names:
-                    segs = None if units is None else [[n for n in u if n in names]
-                                                       for u in units.values()]
-                    self.groups.append(_Group(kind, comm, params, grads, names, segs,
-                                              self.bucket_bytes))
-            for g in self.groups:               # the same flat layout on every rank of a group
-                g.comm.agree(f"ZeRO flat layout of the {g.kind} parameters",
-                             tuple((n, params[n].shape) for n in g.offsets))
-        self.units = units
-        # --------------------------------------------- state, and the ledger
-        e = lambda names: sum(params[n].nbytes for n in names)       # noqa: E731
+        return stage
+
+    def _layout(self, params, grads) -> list[_Group]:
+        """The flat layouts: dense parameters over ``dp × cp`` (``mesh.dp_cp``),
+        experts over ``edp``; the same on every rank of a group (agreed)."""
+        order = [n for u in self.units.values() for n in u] if self.units \
+            else self._backward_order()
+        groups = []
+        for kind, comm in (("dense", self.mesh.dp_cp), ("expert", self.mesh.edp)):
+            names = [n for n in order if (n in self.experts) == (kind == "expert")]
+            if names:
+                segs = None if self.units is None else \
+                    [[n for n in u if n in names] for u in self.units.values()]
+                groups.append(_Group(kind, comm, params, grads, names, segs, self.bucket_bytes))
+        for g in groups:
+            g.comm.agree(f"ZeRO flat layout of the {g.kind} parameters",
+                         tuple((n, params[n].shape) for n in g.offsets))
+        return groups
+
+    def _optimizer_state(self, cls, hyper: dict, params):
+        """The inner optimizer: over every parameter (stage 0) or over views of my
+        owned pieces (stages 1-3), with the gradient (and stage-3 parameter) shards."""
+        self.param_shards = self.grad_shards = None
         if self.stage == 0:
-            self.inner = cls(params, **hyper)
-            self.param_shards = self.grad_shards = None
-        else:
-            self.grad_shards = [np.zeros(g.shard_size, g.dtype) for g in self.groups]
-            self.param_shards = None
-            if self.stage == 3:
-                self.param_shards = [np.zeros(g.shard_size, g.dtype) for g in self.groups]
-                for g, ps in zip(self.groups, self.param_shards):
-                    for name, a, b, pos in g.pieces:
-                        ps[pos:pos + b - a] = params[name].reshape(-1)[a:b]
-            views, self.grad_views = {}, {}
-            for gi, g in enumerate(self.groups):
+            return cls(params, **hyper)
+        self.grad_shards = [np.zeros(g.shard_size, g.dtype) for g in self.groups]
+        if self.stage == 3:
+            self.param_shards = [np.zeros(g.shard_size, g.dtype) for g in self.groups]
+            for g, ps in zip(self.groups, self.param_shards):
                 for name, a, b, pos in g.pieces:
-                    key = self.piece_key(g.kind, name, a, b)
-                    views[key] = (self.param_shards[gi][pos:pos + b - a] if self.stage == 3
-                                  else params[name].reshape(-1)[a:b])
-                    self.grad_views[key] = self.grad_shards[gi][pos:pos + b - a]
-            self.inner = cls(views, **hyper)
+                    ps[pos:pos + b - a] = params[name].reshape(-1)[a:b]
+        views, self.grad_views = {}, {}
+        for gi, g in enumerate(self.groups):
+            for name, a, b, pos in g.pieces:
+                key = self.piece_key(g.kind, name, a, b)
+                views[key] = (self.param_shards[gi][pos:pos + b - a] if self.stage == 3
+                              else params[name].reshape(-1)[a:b])
+                self.grad_views[key] = self.grad_shards[gi][pos:pos + b - a]
+        return cls(views, **hyper)
+
+    def _account(self, params) -> None:
+        """The memory ledger: the parameters and gradients a device holds (§5)."""
+        full = sum(p.nbytes for p in params.values())
         owned = sum(g.owned * g.dtype.itemsize for g in self.groups)
-        self.param_bytes = owned if self.stage == 3 else e(params)
-        self.grad_bytes = owned if self.stage >= 2 else e(params)
-        self.local_bytes = e(params)
+        self.param_bytes = owned if self.stage == 3 else full
+        self.grad_bytes = owned if self.stage >= 2 else full
+        self.local_bytes = full
         trace.alloc("params", self.param_bytes)
         trace.alloc("grads", self.grad_bytes)
-        if self.stage >= 1:
-            model.zero = self                   # the model's hooks call us from now on
-        if self.stage == 3:
-            for g in self.groups:               # parameters live only as shards
-                for n in g.params:
-                    g.params[n].fill(np.nan)
 
     # ----------------------------------------------------------- structure
     @staticmethod
@@ -333,18 +334,6 @@ class DistributedOptimizer:
         if unit == "embedding" and "wte" not in self.units.get("embedding", []):
             return ["embedding", "head"] if "wte" in self.units.get("head", []) else ["embedding"]
         return [unit]
-
-    @property
-    def lr(self) -> float:
-        return self.inner.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self.inner.lr = value
-
-    @property
-    def t(self) -> int:
-        return self.inner.t
 
     def __repr__(self) -> str:
         return f"DistributedOptimizer(ZeRO-{self.stage}, {self.inner!r})"
@@ -458,12 +447,6 @@ class DistributedOptimizer:
                         g.grads[name].reshape(-1)[a:b] = np.nan       # freed
                     trace.free("grads", g.seg_bytes(i))
 
-    def _counted(self, name: str) -> bool:
-        """:func:`counted_once`, cached (ZeRO ownership replaces dp rank 0)."""
-        if name not in self._counted_cache:
-            self._counted_cache[name] = counted_once(self.model, name)
-        return self._counted_cache[name]
-
     def grad_norm(self) -> float:
         """Global L2 norm of the gradient from the shards: every element once; one
         all-reduce over the world."""
@@ -472,7 +455,7 @@ class DistributedOptimizer:
         total = 0.0
         for gi, g in enumerate(self.groups):
             for name, a, b, pos in g.pieces:
-                if self._counted(name):
+                if self.model.counted_once(name, data_replicas=False):
                     v = self.grad_shards[gi][pos:pos + b - a]
                     total += float(np.dot(v, v))
         return math.sqrt(float(self.mesh.world.all_reduce(np.array([total]))[0]))
@@ -524,17 +507,15 @@ class DistributedOptimizer:
         each optimizer-state kind to the values of ``name.flat[a:b]``."""
         kinds = self.inner._state_kinds
         if self.stage == 0:
-            c, params = self.mesh.coords, self.model.parameters()
-            for name, p in params.items():
-                owner = (self.mesh.edp.rank if name in self.experts else c.dp) == 0
-                if owner and self._counted(name):
+            for name, p in self.model.parameters().items():
+                if self.model.counted_once(name):
                     yield name, 0, p.size, {"param": p.reshape(-1),
                                             **{k: self.inner.state[k][name].reshape(-1)
                                                for k in kinds}}
             return
         for gi, g in enumerate(self.groups):
             for name, a, b, pos in g.pieces:
-                if self._counted(name):
+                if self.model.counted_once(name, data_replicas=False):
                     key = self.piece_key(g.kind, name, a, b)
                     yield name, a, b, {"param": self.inner.params[key],
                                        **{k: self.inner.state[k][key] for k in kinds}}

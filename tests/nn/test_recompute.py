@@ -8,7 +8,7 @@ import pytest
 from simpar import formulas, trace
 from simpar.nn import GPT, GPTConfig
 from simpar.nn.moe_gpt import MoEGPT, MoEGPTConfig
-from simpar.parallel.tensor import activation_elements, recompute_flops
+from simpar.formulas import recompute_flops, tp_activation_elements as activation_elements
 
 B, S, H, A, V = 2, 8, 16, 4, 11
 MODES = ("none", "selective", "full")

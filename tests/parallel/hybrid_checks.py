@@ -119,3 +119,44 @@ def errors(got, want) -> dict[str, float]:
     if set(params) != set(ref_params):
         raise AssertionError(f"parameter names differ: {sorted(set(params) ^ set(ref_params))}")
     return {"loss": rel_error(losses, ref_losses), **compare(params, ref_params)}
+
+
+# ------------------------------------------------------------------ errors
+#: (name, case, words every rank's error holds): built by :func:`build_or_error`
+BAD_LAYOUTS = [
+    ("world size", dict(config=ParallelConfig(dp=2, tp=2), world=3), "world size 3"),
+    ("ep does not divide dp", dict(config=None, kwargs=dict(dp=3, ep=2)), "ep=2 must divide dp=3"),
+    ("tp does not divide heads", dict(config=ParallelConfig(tp=4), world=4,
+                                      model=dict(n_head=6, d_model=12)),
+     "n_head=6 is not divisible by tp=4"),
+    ("tp does not divide ffn", dict(config=ParallelConfig(tp=4), world=4, model=dict(d_ff=18)),
+     "d_ff=18 is not divisible by tp=4"),
+    ("more stages than layers", dict(config=ParallelConfig(pp=4), world=4, n_layer=3),
+     "every stage needs a layer"),
+    ("bucket size 0", dict(config=ParallelConfig(dp=2), world=2, bucket_bytes=0),
+     "bucket_bytes must be a positive integer, got 0"),
+    ("bucket size -5", dict(config=ParallelConfig(dp=2), world=2, bucket_bytes=-5),
+     "got -5"),
+    ("vpp without interleaved", dict(config=ParallelConfig(pp=2, vpp=2), world=2),
+     "need schedule='interleaved'"),
+]
+
+
+def build_or_error(comm, case) -> str:
+    """Build the bad layout ``case``; the error (with ``[events n]``: the messages
+    sent before it, when the mesh was built) or ``"no error"``."""
+    try:
+        cfg = case["config"]
+        lay = Layout("x", cfg or ParallelConfig(), n_layer=case.get("n_layer", 4))
+        mesh = Mesh(comm, cfg)
+        n0 = len(comm.tracer.events)
+        try:
+            ref = make_reference(lay)
+            if "model" in case:
+                ref = GPT(GPTConfig(**{**vars(ref.config), **case["model"]}))
+            build_model(ref, mesh, bucket_bytes=case.get("bucket_bytes", 1 << 20))
+        except ValueError as e:
+            return f"{e} [events {len(comm.tracer.events) - n0}]"
+        return "no error"
+    except ValueError as e:
+        return str(e)

@@ -16,10 +16,12 @@ from simpar import trace
 from simpar.nn import GPT, MLP, CausalSelfAttention, Embedding, GPTConfig, Linear, TransformerBlock
 from simpar.parallel.tensor import (ColumnParallelLinear, NaiveTensorParallelMLP, ParallelAttention,
                                     ParallelGPT, ParallelMLP, ParallelTransformerBlock,
-                                    RowParallelLinear, VocabParallelEmbedding,
-                                    activation_elements, layer_comm_elements, mlp_comm_elements,
-                                    recompute_flops, ring_bytes, vocab_parallel_cross_entropy,
+                                    RowParallelLinear, VocabParallelEmbedding, ring_bytes,
+                                    vocab_parallel_cross_entropy,
                                     vocab_parallel_cross_entropy_backward)
+from simpar.formulas import (recompute_flops, tp_activation_elements as activation_elements,
+                             tp_layer_comm_elements as layer_comm_elements,
+                             tp_mlp_comm_elements as mlp_comm_elements)
 from simpar.parallel.tensor.mappings import split_along
 from tests.util import assert_close
 

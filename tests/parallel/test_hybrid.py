@@ -17,7 +17,8 @@ from simpar.parallel.hybrid import build_model, check_layout
 from simpar.parallel.tensor.accounting import ring_bytes
 from simpar.testing import TOL, worst
 from tests.mpi_util import reported_errors, run_mpi
-from tests.parallel.hybrid_checks import (BY_NAME, LAYOUTS, Layout, errors, make_reference,
+from tests.parallel.hybrid_checks import (BAD_LAYOUTS, BY_NAME, LAYOUTS, Layout,
+                                          build_or_error, errors, make_reference,
                                           reference_run, train_layout)
 
 SCRIPT = "tests/parallel/scripts/hybrid_mpi.py"
@@ -92,6 +93,26 @@ def test_data_parallel_bytes_and_calls(bucket):
     assert sum(ring_bytes(e) for e in dp) == pytest.approx(8 * formulas.dp_comm_elements(psi, 2))
 
 
+def _bytes_by_group(events) -> dict:
+    """Bytes each rank moves, by group: sends as sent, collectives in the ring model."""
+    by = defaultdict(float)
+    for e in events:
+        if e.category == "comm" and e.name != "recv":
+            by[e.group] += e.nbytes if e.name == "send" else ring_bytes(e)
+    return by
+
+
+def _tp_bytes(stage, b, s, h, t, m, mlp=True) -> float:
+    """A stage's tensor-parallel bytes per step: its blocks, the embedding on the
+    first stage, head and loss on the last (float64, m micro-batches)."""
+    per_mb = len(stage.blocks) * formulas.tp_layer_comm_elements(b, s, h, t, mlp)
+    if stage.is_first:
+        per_mb += formulas.tp_embedding_comm_elements(b, s, h, t)
+    if stage.is_last:
+        per_mb += formulas.tp_head_loss_comm_elements(b, s, h, t)
+    return 8 * m * per_mb
+
+
 def test_hybrid_bytes_are_the_sum_of_tp_pp_dp_terms():
     """dp2 x tp2 x pp2, m=2: every byte each rank moves, by group, from the formulas."""
     lay = BY_NAME["dp2xtp2xpp2"]
@@ -99,21 +120,55 @@ def test_hybrid_bytes_are_the_sum_of_tp_pp_dp_terms():
     b, s, h, t, m = lay.batch // 2 // lay.m, 8, 16, 2, lay.m
     for events, model, rank in out:
         stage = next(iter(model.stages.values()))
-        by = defaultdict(float)
-        for e in events:
-            if e.category == "comm" and e.name != "recv":
-                by[e.group] += e.nbytes if e.name == "send" else ring_bytes(e)
-        per_mb = len(stage.blocks) * formulas.tp_layer_comm_elements(b, s, h, t)
-        ring = 2 * (t - 1) / t
-        if stage.is_first:
-            per_mb += ring * b * s * h                  # embedding g (forward)
-        if stage.is_last:
-            per_mb += ring * b * s * h + 3 * ring * b * s   # head f (backward); loss: 3 sums
-        assert by["tp"] == pytest.approx(8 * m * per_mb), rank
+        by = _bytes_by_group(events)
+        assert by["tp"] == pytest.approx(_tp_bytes(stage, b, s, h, t, m)), rank
         assert by["pp"] == pytest.approx(8 * m * b * s * h), rank      # one send per mb
         psi = sum(g.size for g in model.gradients().values())
         assert by["dp"] == pytest.approx(8 * formulas.dp_comm_elements(psi, 2)), rank
         assert set(by) <= {"tp", "pp", "dp", "world"}, by
+
+
+def _ep_rows(out, ranks, mb):
+    """The largest rows sent and received by a member of the ep group ``ranks``
+    for micro-batch ``mb``, per MoE layer: from the layers' load statistics."""
+    kept = {r: [layer.stats[mb].kept_per_expert for layer in out[r][1].moe_layers()]
+            for r in ranks}
+    n_local = len(next(iter(kept.values()))[0]) // len(ranks)
+    rows = []
+    for i in range(len(kept[ranks[0]])):
+        sent = max(int(kept[r][i].sum()) for r in ranks)
+        received = max(sum(int(kept[src][i][j * n_local:(j + 1) * n_local].sum())
+                           for src in ranks) for j in range(len(ranks)))
+        rows.append((sent, received))
+    return rows
+
+
+@pytest.mark.parametrize("name", ["moe tp2xep2", "moe pp2xep2, m=4"])
+def test_hybrid_bytes_with_experts_are_the_sum_of_tp_pp_ep_dp_terms(name):
+    """With MoE layers: the tp, pp and dp terms as above (an MoE block's feed-forward
+    is replicated over tp: attention only), plus each MoE layer's all-to-alls,
+    router all-reduce and count table over ep (:func:`formulas.ep_moe_comm_bytes`,
+    rows from the routing statistics); experts summed over edp (size 1 here)."""
+    lay = BY_NAME[name]
+    cfg = lay.config
+    out = simpar.launch(lambda c: _one_step(c, lay) + (Mesh(c, cfg).ep.world_ranks,),
+                        cfg.world_size)
+    b, s, h, m = lay.batch // cfg.dp // lay.m, 8, 16, lay.m
+    n_experts = out[0][1].config.n_experts
+    for rank, (events, model, ep_ranks) in enumerate(out):
+        by = _bytes_by_group(events)
+        assert model.moe_layers() and cfg.ep == len(ep_ranks) == 2
+        want_ep = sum(formulas.ep_moe_comm_bytes(sent, recv, h, n_experts, cfg.ep)
+                      for mb in range(m) for sent, recv in _ep_rows(out, list(ep_ranks), mb))
+        assert by["ep"] == pytest.approx(want_ep, rel=1e-12), rank
+        want_tp = sum(_tp_bytes(st, b, s, h, cfg.tp, m, mlp=False) for st in model.stages.values())
+        assert by.get("tp", 0.0) == pytest.approx(want_tp), rank
+        if cfg.pp > 1:
+            assert by["pp"] == pytest.approx(8 * m * b * s * h), rank
+        dense = sum(g.size for n, g in model.gradients().items() if n not in
+                    model._expert_names())
+        assert by["dp"] == pytest.approx(8 * formulas.dp_comm_elements(dense, cfg.dp)), rank
+        assert set(by) <= {"tp", "pp", "dp", "ep", "world"}, by
 
 
 def test_overlap_hides_exactly_the_overlapped_communication():
@@ -134,52 +189,21 @@ def test_overlap_hides_exactly_the_overlapped_communication():
 
 
 # ------------------------------------------------------------------ errors
-BAD = [
-    ("world size", dict(config=ParallelConfig(dp=2, tp=2), world=3), "world size 3"),
-    ("ep does not divide dp", dict(config=None, kwargs=dict(dp=3, ep=2)), "ep=2 must divide dp=3"),
-    ("tp does not divide heads", dict(config=ParallelConfig(tp=4), world=4,
-                                      model=dict(n_head=6, d_model=12)),
-     "n_head=6 is not divisible by tp=4"),
-    ("tp does not divide ffn", dict(config=ParallelConfig(tp=4), world=4, model=dict(d_ff=18)),
-     "d_ff=18 is not divisible by tp=4"),
-    ("more stages than layers", dict(config=ParallelConfig(pp=4), world=4, n_layer=3),
-     "every stage needs a layer"),
-    ("bucket size 0", dict(config=ParallelConfig(dp=2), world=2, bucket_bytes=0),
-     "bucket_bytes must be a positive integer, got 0"),
-    ("bucket size -5", dict(config=ParallelConfig(dp=2), world=2, bucket_bytes=-5),
-     "got -5"),
-    ("vpp without interleaved", dict(config=ParallelConfig(pp=2, vpp=2), world=2),
-     "need schedule='interleaved'"),
-]
+def _before_first_message(name: str, msg: str) -> bool:
+    """The error came before any traced message (the world-size error comes from
+    the Mesh itself, before there is a model to build)."""
+    return "[events 0]" in msg or (name == "world size" and "[events" not in msg)
 
 
-def _build_or_error(comm, case):
-    try:
-        cfg = case["config"]
-        lay = Layout("x", cfg or ParallelConfig(), n_layer=case.get("n_layer", 4))
-        mesh = Mesh(comm, cfg)
-        n0 = len(comm.tracer.events)
-        try:
-            ref = make_reference(lay)
-            if "model" in case:
-                ref = GPT(GPTConfig(**{**vars(ref.config), **case["model"]}))
-            build_model(ref, mesh, bucket_bytes=case.get("bucket_bytes", 1 << 20))
-        except ValueError as e:
-            return f"{e} [events {len(comm.tracer.events) - n0}]"
-        return "no error"
-    except ValueError as e:
-        return str(e)
-
-
-@pytest.mark.parametrize("name,case,match", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("name,case,match", BAD_LAYOUTS, ids=[b[0] for b in BAD_LAYOUTS])
 def test_bad_layouts_fail_on_every_rank_before_any_message(name, case, match):
     if case["config"] is None:
         with pytest.raises(ValueError, match=match):
             ParallelConfig(**case["kwargs"])
         return
-    msgs = simpar.launch(lambda c: _build_or_error(c, case), case["world"], timeout=30)
+    msgs = simpar.launch(lambda c: build_or_error(c, case), case["world"], timeout=30)
     assert all(match in m for m in msgs), msgs
-    assert all("[events" not in m or "[events 0]" in m for m in msgs), msgs
+    assert all(_before_first_message(name, m) for m in msgs), msgs
 
 
 def test_check_layout_needs_no_communicator():
@@ -192,8 +216,15 @@ def test_check_layout_needs_no_communicator():
 
 
 def test_bad_layouts_fail_under_mpi():
+    """Every bad layout of the threads test, under mpiexec (each on as many ranks
+    as it needs): the error on every member, before the first message."""
     out = run_mpi(4, "tests/parallel/scripts/hybrid_errors_mpi.py", timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("case ")]
-    assert len(lines) == 4 * 3, out.stdout          # 3 cases, every rank reports each
-    assert all("ValueError" in ln for ln in lines), lines
+    cases = [(n, c, m) for n, c, m in BAD_LAYOUTS if c["config"] is not None]
+    assert len(lines) == sum(c["world"] for _, c, _ in cases), out.stdout
+    for name, case, match in cases:
+        mine = [ln for ln in lines if ln.startswith(f"case {name} rank ")]
+        assert len(mine) == case["world"], (name, out.stdout)
+        assert all(match in ln for ln in mine), mine
+        assert all(_before_first_message(name, ln) for ln in mine), mine

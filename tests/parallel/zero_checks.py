@@ -14,6 +14,7 @@ from simpar.parallel.zero import DistributedOptimizer
 from tests.parallel.hybrid_checks import CLIP, STEPS, Layout, batches, make_reference
 
 P = ParallelConfig
+RING = {"context_parallel": "ring"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,16 @@ CASES = [
     ZeroCase("zero2 moe pp2xep2, m=4", 2, Layout("x", P(dp=2, pp=2, ep=2), moe=True, m=4)),
     ZeroCase("zero1 sgd momentum dp2", 1, Layout("dp2", P(dp=2)), "sgd",
              dict(lr=0.05, momentum=0.9, weight_decay=0.01)),
+    # context parallelism: dense parameters sharded over dp x cp (mesh.dp_cp)
+    ZeroCase("zero1 cp2", 1, Layout("cp2", P(cp=2), RING)),
+    ZeroCase("zero2 cp2 ulysses", 2, Layout("cp2", P(cp=2), {"context_parallel": "ulysses"})),
+    ZeroCase("zero3 cp2", 3, Layout("cp2", P(cp=2), RING)),
+    ZeroCase("zero1 cp2xdp2", 1, Layout("cp2xdp2", P(cp=2, dp=2), RING)),
+    ZeroCase("zero2 cp2xdp2, 1 KB buckets", 2, Layout("cp2xdp2", P(cp=2, dp=2),
+                                                      {**RING, "bucket_bytes": 1000})),
+    ZeroCase("zero3 cp2xdp2", 3, Layout("cp2xdp2", P(cp=2, dp=2), RING)),
+    ZeroCase("zero3 cp2xtp2 tied", 3, Layout("cp2xtp2", P(cp=2, tp=2), RING, tied=True)),
+    ZeroCase("zero1 cp2xpp2", 1, Layout("cp2xpp2", P(cp=2, pp=2), RING)),
 ]
 BY_NAME = {c.name: c for c in CASES}
 

@@ -1,5 +1,12 @@
 """Pipeline parallelism: schedules as data, a validator, stages and an executor.
 
+A model cut into ``p`` stages (Huang et al. 2019, §2), a batch into ``m``
+micro-batches whose gradients are summed before one optimizer step, so the step
+equals the unsplit batch; with equal stages each rank idles
+``(p−1)/m`` of its compute time (GPipe, 1F1B: Narayanan et al. 2021, §2.2.1),
+``(p−1)/(v·m)`` interleaved (§2.2.2), and ZB-H1 moves weight gradients ``W`` into
+the bubble: ``(p−1)(T_F + T_I − T_W)`` (Qi et al. 2023, Table 2).
+
 Read in this order:
 
 * :mod:`.schedules` — ``Action`` (``F``, ``B``, ``I``, ``W``, ``SEND_*``/``RECV_*``),

@@ -14,7 +14,13 @@
 
 Gradients accumulate over the micro-batches in the modules' ``grads``; the loss is
 the mean over **all** micro-batches' tokens, so each micro-batch's loss gradient is
-scaled by its share of the tokens and the result equals one big batch.
+scaled by its share of the tokens and the result equals one big batch (GPipe's
+synchronous accumulation, Huang et al. 2019, §2)::
+
+    L = Σ_mb (N_mb / N) · L_mb        ∇L = Σ_mb (N_mb / N) · ∇L_mb
+
+The order of the actions is the schedule's (1F1B: Narayanan et al. 2021,
+§2.2.1; ``I``/``W``: Qi et al. 2023, §2).
 
 Before the first message every rank checks its arguments and proves the schedule
 deadlock-free with :func:`.validate.validate`, so a bad configuration fails with the
@@ -142,7 +148,7 @@ def check_split(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineSta
 
 
 def run_schedule(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineStage],
-                 inputs: Sequence, targets: Sequence, *, clobber_buffers: bool = False,
+                 inputs: Sequence, targets: Sequence, *, clobber_buffers: bool | None = None,
                  loss_tokens: int | None = None,
                  grads_ready: Callable[[list[str]], None] | None = None,
                  loss_scale: float = 1.0) -> StepResult:
@@ -154,7 +160,9 @@ def run_schedule(comm: Comm, schedule: Schedule, stages: Mapping[int, PipelineSt
     micro-batches of token ids, ``(batch, seq)`` each, the same on every rank.
     ``clobber_buffers``: overwrite every received array with NaN once its action
     is done, as a reused receive buffer would be — the result must not change,
-    because modules save copies (DESIGN.md §2).
+    because modules save copies (DESIGN.md §2).  Default: ``comm.check``, i.e. on
+    with ``SIMPAR_CHECK=1`` (as in the test suite), off otherwise (it costs a
+    write of every message).
 
     ``loss_tokens``: the token count the loss is the mean over (default: all
     of this step's tokens; data parallelism passes the global count, so the
@@ -184,7 +192,7 @@ class _Executor:
         self.comm, self.sch, self.stages = comm, schedule, stages
         self.inputs = [np.asarray(x) for x in inputs]
         self.targets = [np.asarray(y) for y in targets]
-        self.clobber = clobber
+        self.clobber = comm.check if clobber is None else bool(clobber)
         self.step_tokens = sum(y.size for y in self.targets)
         self.total_tokens = self.step_tokens if loss_tokens is None else int(loss_tokens)
         self.loss_scale = float(loss_scale)

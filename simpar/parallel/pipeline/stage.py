@@ -6,6 +6,11 @@ LM head and — in the executor — the loss::
 
     stage 0: embedding + blocks[0:k0]   stage 1: blocks[k0:k1]   …   last: blocks[…] + ln_f + head
 
+The model is a composition of layers ``f_L ∘ … ∘ f_1``, and stage ``s`` holds
+one contiguous cell of it, ``F_s = f_{k_s} ∘ … ∘ f_{k_{s−1}+1}``, with cost
+``C_s = Σ_{l ∈ s} c_l`` (Huang et al. 2019, GPipe, §2); the step time is set by
+the largest ``C_s``.
+
 :func:`partition` chooses the ranges: as equal as possible in **layer count**, or
 in **parameter count** (embedding and head included), or given explicitly; uneven
 splits are fine, a stage without any block is not.
@@ -32,7 +37,7 @@ from ...nn.module import Module
 from ...nn.moe_gpt import MoETransformerBlock
 from ..expert import ExpertParallelMoE
 from ..tensor import (ColumnParallelLinear, ParallelGPT, ParallelTransformerBlock,
-                      RowParallelLinear, TensorParallelModule,
+                      RowParallelLinear, TensorParallelModule, agree_structure,
                       vocab_parallel_cross_entropy, vocab_parallel_cross_entropy_backward)
 from .schedules import Schedule
 
@@ -170,10 +175,12 @@ class PipelineStage(Module):
         if tp is None:
             ends, blocks = model, [_moe_cut(model.blocks[i], ep, aux_scale) for i in layers]
         else:
-            ends = ParallelGPT.from_reference(model, tp, sequence_parallel, layers=())
+            ends = ParallelGPT.from_reference(model, tp, sequence_parallel, layers=(),
+                                              agree=False)
             blocks = [ParallelTransformerBlock.from_reference(
-                model.blocks[i], tp, sequence_parallel, ep=ep, aux_scale=aux_scale)
+                model.blocks[i], tp, sequence_parallel, ep=ep, aux_scale=aux_scale, agree=False)
                 for i in layers]
+            agree_structure(tp, f"pipeline stage {index}", [ends, *blocks])   # one exchange
         self.model = ends if (self.is_first or self.is_last) else None
         own = (["wte", "wpe"] if self.is_first else []) + \
             (["wte"] if self.is_last and self.tied and not self.is_first else [])

@@ -3,7 +3,13 @@ the critical path (the pictures are drawn by :mod:`simpar.viz`).
 
 All functions take the :class:`~.executor.ActionRecord`\\ s of **every** rank (gather
 them with :func:`gather_records`) and a clock, ``"sim"`` (the simulated cluster)
-or ``"wall"`` (this machine).
+or ``"wall"`` (this machine).  What is measured is what the papers predict::
+
+    bubble fraction = Σ_r (T_step − busy_r) / (p · T_step)
+                    = (p−1)/(m+p−1)  for GPipe and 1F1B with equal stages
+                      (Narayanan et al. 2021, §2.2.1: bubble/ideal = (p−1)/m)
+
+(:mod:`simpar.formulas` holds the closed forms; the tests compare.)
 """
 from __future__ import annotations
 

@@ -1,5 +1,13 @@
 """Tensor parallelism, Megatron-LM style, and sequence parallelism.
 
+The two identities every layer here rests on (Shoeybi et al. 2019, §3)::
+
+    column split:  X · [A₁, …, A_t]   = [X A₁, …, X A_t]          (no communication)
+    row split:     [X₁, …, X_t] · [A₁; …; A_t] = Σᵢ Xᵢ Aᵢ          (one all-reduce)
+
+and under sequence parallelism the all-reduce becomes a reduce-scatter plus an
+all-gather along the sequence (Korthikanti et al. 2022, §4.2.2).
+
 Read in this order — each module is one idea, with forward and backward side by side:
 
 1. :mod:`.mappings` — the communication operators as forward/backward pairs:
@@ -15,7 +23,8 @@ Read in this order — each module is one idea, with forward and backward side b
    :func:`vocab_parallel_cross_entropy` (never gathers the logits);
 6. :mod:`.transformer` — :class:`ParallelTransformerBlock` and :class:`ParallelGPT`,
    with ``sequence_parallel=True`` as an option, and what they save for backward;
-7. :mod:`.accounting` — closed forms for bytes communicated and activations saved.
+7. :mod:`.accounting` — traced bytes in the ring model, and the package's names for
+   the closed forms of :mod:`simpar.formulas` (bytes communicated, activations saved).
 
 Every layer is cut from a reference module of :mod:`simpar.nn`::
 
@@ -27,7 +36,8 @@ Every layer is cut from a reference module of :mod:`simpar.nn`::
 from .accounting import (activation_elements, korthikanti_activation_bytes,
                          layer_comm_elements, mlp_comm_elements, recompute_flops, ring_bytes)
 from .attention import ParallelAttention
-from .layers import ColumnParallelLinear, RowParallelLinear, TensorParallelModule
+from .layers import (ColumnParallelLinear, RowParallelLinear, TensorParallelModule,
+                     agree_structure)
 from .mappings import (allreduce_sequence_parallel_grads, copy_to_tp_region,
                        copy_to_tp_region_backward, gather_from_sp_region,
                        gather_from_sp_region_backward, gather_from_tp_region,
@@ -50,7 +60,7 @@ __all__ = [
     "gather_from_sp_region", "gather_from_sp_region_backward",
     "reduce_scatter_to_sp_region", "reduce_scatter_to_sp_region_backward",
     "allreduce_sequence_parallel_grads",
-    "TensorParallelModule", "ColumnParallelLinear", "RowParallelLinear",
+    "TensorParallelModule", "agree_structure", "ColumnParallelLinear", "RowParallelLinear",
     "ParallelMLP", "NaiveTensorParallelMLP", "ParallelAttention",
     "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
     "vocab_parallel_cross_entropy_backward", "vocab_range",

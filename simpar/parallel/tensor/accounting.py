@@ -1,8 +1,11 @@
 """Closed-form communication volume and activation memory of tensor parallelism.
 
-The papers' formulas live in :mod:`simpar.formulas`; this module keeps the
-simpar-specific counts (the naive MLP's traffic, the exact saved-tensor table)
-and the names the tensor-parallel package has always exported.
+The closed forms live in :mod:`simpar.formulas` (one home): the papers' and
+simpar's exact counts (:func:`~simpar.formulas.tp_mlp_comm_elements`,
+:func:`~simpar.formulas.tp_activation_elements`,
+:func:`~simpar.formulas.recompute_flops`); this module reads a traced event in
+the ring model (:func:`ring_bytes`) and keeps the names the tensor-parallel
+package has always exported for those formulas.
 
 The tests check these formulas against what the code really does: bytes from the
 tracer's communication events, activation bytes from the memory ledger.
@@ -24,7 +27,6 @@ exactly as much.
 from __future__ import annotations
 
 from ... import formulas
-from ...nn.module import check_recompute
 from ...trace import Event
 
 
@@ -33,77 +35,11 @@ def ring_bytes(event: Event) -> float:
     return formulas.ring_elements(event.name, event.nbytes, event.args.get("size", 1))
 
 
-def layer_comm_elements(b: int, s: int, h: int, t: int) -> float:
-    """Elements one device sends per transformer layer (forward + backward),
-    with or without sequence parallelism: ``8·b·s·h·(t−1)/t``
-    (:func:`simpar.formulas.tp_layer_comm_elements`)."""
-    return formulas.tp_layer_comm_elements(b, s, h, t)
-
-
-def mlp_comm_elements(b: int, s: int, h: int, d_ff: int, t: int, naive: bool = False) -> float:
-    """Elements one device sends for one MLP, forward + backward.
-
-    Megatron (:class:`~.mlp.ParallelMLP`): one all-reduce of ``bsh`` each way,
-    ``4·bsh·(t−1)/t``.  Naive (:class:`~.mlp.NaiveTensorParallelMLP`): forward
-    all-gathers of ``bs·d_ff`` and ``bsh``, backward all-reduces of the same,
-    ``3·bs·(d_ff + h)·(t−1)/t`` (= ``15·bsh·(t−1)/t`` with ``d_ff = 4h``).
-    """
-    per_rank = (t - 1) / t
-    if naive:
-        return 3.0 * b * s * (d_ff + h) * per_rank
-    return 4.0 * b * s * h * per_rank
-
-
-def activation_elements(b: int, s: int, h: int, n_head: int, t: int, d_ff: int | None = None,
-                        sequence_parallel: bool = False, recompute: str = "none") -> int:
-    """Elements one device saves for backward per transformer layer (exact).
-
-    The table in :mod:`.transformer` lists every saved tensor.  With ``d_ff = 4h``,
-    next to Korthikanti et al. 2022, Table 2 (bytes, 16-bit, with dropout masks):
-
-    ======================  =================================  ==========================
-    recompute               simpar (elements)                  Korthikanti Table 2 (bytes)
-    ======================  =================================  ==========================
-    none, no parallelism    ``16bsh + 2bs + a·b·s²``           ``sbh(34 + 5as/h)``
-    none, TP                ``bsh(4 + 12/t) + 2bs + abs²/t``   ``sbh(10 + 24/t + 5as/(ht))``
-    none, TP + SP           ``bsh(2 + 14/t) + 2bs/t + abs²/t`` ``sbh(34 + 5as/h)/t``
-    selective, TP + SP      ``bsh(2 + 14/t) + 2bs/t``          ``34sbh/t``
-    full                    ``bsh`` (``bsh/t`` with SP)        ``2sbh``
-    ======================  =================================  ==========================
-
-    Selective recomputation removes exactly the ``a·b·s²/t`` term (the paper's
-    ``5as/h``: scores, softmax output and its dropout mask); selective without SP
-    is ``bsh(4 + 12/t) + 2bs``.  Full recomputation keeps only the layer's input,
-    which under SP is this rank's sequence shard (the paper's ``2sbh`` counts the
-    replicated input without SP).  ``t = 1`` gives the reference block either way.
-    """
-    check_recompute(recompute)
-    d_ff = 4 * h if d_ff is None else d_ff
-    bsh = b * s * h
-    if recompute == "full":
-        return bsh // t if sequence_parallel else bsh
-    probs = 0 if recompute == "selective" else n_head * b * s * s // t
-    split = 3 * bsh // t + bsh // t + 2 * b * s * d_ff // t + probs
-    gathered = 2 * bsh                                     # qkv and fc1 inputs
-    layernorms = 2 * (bsh + b * s)                         # x̂ and 1/σ, twice
-    if sequence_parallel:
-        layernorms //= t
-    return gathered + layernorms + split
-
-
-def recompute_flops(b: int, s: int, h: int, t: int, recompute: str,
-                    d_ff: int | None = None) -> float:
-    """FLOPs one device adds per layer and micro-batch by recomputing: ``"full"``
-    one more forward, ``(24bsh² + 4bs²h)/t`` with ``d_ff = 4h`` (Narayanan et al.
-    2021, appendix; so a step costs 4 forwards instead of 3); ``"selective"`` the
-    attention core ``QKᵀ`` and ``PV`` of this rank's heads, ``4bs²h/t``
-    (Korthikanti et al. 2022, §5: a few percent for large ``h``); ``"none"`` 0."""
-    check_recompute(recompute)
-    if recompute == "full":
-        return formulas.layer_forward_flops(b, s, h, d_ff) / t
-    if recompute == "selective":
-        return formulas.attention_flops(b, s, h) / t
-    return 0.0
+#: the tensor package's names for the formulas of :mod:`simpar.formulas`
+layer_comm_elements = formulas.tp_layer_comm_elements
+mlp_comm_elements = formulas.tp_mlp_comm_elements
+activation_elements = formulas.tp_activation_elements
+recompute_flops = formulas.recompute_flops
 
 
 def korthikanti_activation_bytes(b: int, s: int, h: int, n_head: int, t: int,

@@ -37,8 +37,10 @@ class ParallelAttention(TensorParallelModule):
     every token).
     """
 
+    settings = ("h", "n_head", "sequence_parallel")
+
     def __init__(self, h: int, n_head: int, tp: Comm, sequence_parallel: bool = False,
-                 dtype=np.float64, trace_name: str = "attn") -> None:
+                 dtype=np.float64, trace_name: str = "attn", agree: bool = True) -> None:
         super().__init__(tp, sequence_parallel)
         check_divisible("hidden size h", h, tp.size)
         check_divisible("n_head", n_head, tp.size)
@@ -47,20 +49,21 @@ class ParallelAttention(TensorParallelModule):
         self.h, self.n_head, self.trace_name = h, n_head, trace_name
         self.recompute = "none"
         self.h_local, self.n_head_local = h // tp.size, n_head // tp.size
+        kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, agree=False)  # we agree
         self.qkv = self.add_child("qkv", ColumnParallelLinear(
-            h, 3 * h, tp, sequence_parallel=sequence_parallel, parts=3, dtype=dtype,
-            trace_name=f"{trace_name}.qkv"))
+            h, 3 * h, tp, parts=3, trace_name=f"{trace_name}.qkv", **kw))    # whole heads
         self.proj = self.add_child("proj", RowParallelLinear(
-            h, h, tp, sequence_parallel=sequence_parallel, dtype=dtype,
-            trace_name=f"{trace_name}.proj"))
+            h, h, tp, trace_name=f"{trace_name}.proj", **kw))
+        if agree:
+            self.agree()
 
     @classmethod
     def from_reference(cls, attn: CausalSelfAttention, tp: Comm,
-                       sequence_parallel: bool = False,
-                       trace_name: str = "attn") -> "ParallelAttention":
+                       sequence_parallel: bool = False, trace_name: str = "attn",
+                       agree: bool = True) -> "ParallelAttention":
         """Cut this rank's heads from a reference :class:`~simpar.nn.CausalSelfAttention`."""
         m = cls(attn.h, attn.n_head, tp, sequence_parallel, attn.qkv.params["W"].dtype,
-                trace_name)
+                trace_name, agree)
         m.qkv.load_reference(attn.qkv)
         m.proj.load_reference(attn.proj)
         m.recompute = getattr(attn, "recompute", "none")
@@ -70,6 +73,7 @@ class ParallelAttention(TensorParallelModule):
         return F.attention_flops(b, s, self.h_local)
 
     def forward(self, x, key=0):
+        self._check_new_key(key)
         hl = self.h_local
         qkv = self.qkv.forward(x, key)                 # (b, s, 3h/t) = [q_i | k_i | v_i]
         b, s = qkv.shape[0], qkv.shape[1]

@@ -22,6 +22,9 @@ weight gradient is local to the shard.
 """
 from __future__ import annotations
 
+import hashlib
+from typing import Sequence
+
 import numpy as np
 
 from ... import trace
@@ -75,6 +78,24 @@ def padded_size(n: int, tp: int) -> int:
     return -(-n // tp) * tp
 
 
+# ------------------------------------------------------- agreement over the group
+def agree_structure(tp: Comm, what: str, modules: Sequence[Module]) -> None:
+    """One small exchange over ``tp`` (:meth:`~simpar.comm.Comm.agree`): every rank
+    built ``modules`` with the same settings (configuration, sequence parallelism),
+    dtype and shard shapes — else a ``ValueError`` on every rank naming each
+    rank's.  Called once per model at construction: the parts a model builds for
+    itself are built with ``agree=False``."""
+    shapes = tuple((n, p.shape) for m in modules for n, p in m.parameters().items())
+    dtypes = sorted({str(p.dtype) for m in modules for p in m.parameters().values()})
+    digest = hashlib.blake2b(repr(shapes).encode(), digest_size=4).hexdigest()
+    size = sum(int(np.prod(s, dtype=np.int64)) for _, s in shapes)
+    tp.agree(f"tensor-parallel {what} (settings, dtype, shard shapes)",
+             tuple(m.describe() if isinstance(m, TensorParallelModule) else type(m).__name__
+                   for m in modules)
+             + (f"dtype {'/'.join(dtypes)}", f"{len(shapes)} shards, {size} elements, "
+                                             f"shapes #{digest}"))
+
+
 # --------------------------------------------------------------- the base class
 class TensorParallelModule(Module):
     """A module whose parameters are shards over the tensor-parallel group ``tp``.
@@ -86,11 +107,24 @@ class TensorParallelModule(Module):
     :meth:`finalize_grads` — once per step, after the last backward.
     """
 
+    #: the attributes every rank of ``tp`` must construct equally (:meth:`describe`)
+    settings: tuple[str, ...] = ("sequence_parallel",)
+
     def __init__(self, tp: Comm, sequence_parallel: bool = False) -> None:
         super().__init__()
         self.tp = tp
         self.sequence_parallel = bool(sequence_parallel)
         self._grads_pending = False      # SP gradients not yet summed over tp
+
+    def describe(self) -> str:
+        """``Class(setting=value, ...)``: what the ranks of ``tp`` agree on."""
+        return f"{type(self).__name__}(" + ", ".join(
+            f"{a}={getattr(self, a)!r}" for a in self.settings) + ")"
+
+    def agree(self) -> "TensorParallelModule":
+        """:func:`agree_structure` of this module (and everything in it); returns self."""
+        agree_structure(self.tp, type(self).__name__, [self])
+        return self
 
     # ---- gathering shards back to reference shapes (a collective: all ranks call it)
     def full_tensor(self, name: str, local: np.ndarray) -> np.ndarray:
@@ -147,8 +181,21 @@ class TensorParallelModule(Module):
         self._finalized = False
 
 
+class _ParallelLinear(TensorParallelModule):
+    """What the column- and row-parallel layers share: the cut from a reference."""
+
+    @classmethod
+    def from_reference(cls, linear: Linear, tp: Comm, **options):
+        """Cut this rank's shard from a reference :class:`~simpar.nn.Linear`
+        (:meth:`load_reference` says which part)."""
+        W = linear.params["W"]
+        m = cls(linear.n_in, linear.n_out, tp, bias="b" in linear.params, dtype=W.dtype,
+                **options)
+        return m.load_reference(linear)
+
+
 # --------------------------------------------------------------- column parallel
-class ColumnParallelLinear(TensorParallelModule):
+class ColumnParallelLinear(_ParallelLinear):
     """``Y_i = X A_i + b_i``: the output columns split over the tp group.
 
     Input: replicated ``(b, s, n_in)``, entering through **f** (identity forward,
@@ -163,10 +210,12 @@ class ColumnParallelLinear(TensorParallelModule):
     padding is dropped again by :meth:`full_tensor`.
     """
 
+    settings = ("n_in", "n_out", "parts", "gather_output", "sequence_parallel")
+
     def __init__(self, n_in: int, n_out: int, tp: Comm, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
                  parts: int = 1, pad: bool = False, dtype=np.float64,
-                 trace_name: str = "column") -> None:
+                 trace_name: str = "column", agree: bool = True) -> None:
         super().__init__(tp, sequence_parallel)
         if gather_output and (sequence_parallel or parts > 1 or pad):
             raise ValueError("gather_output works only without sequence_parallel, parts or pad")
@@ -180,14 +229,8 @@ class ColumnParallelLinear(TensorParallelModule):
         self.add_param("W", np.zeros((n_in, self.n_out_padded // tp.size), dtype))
         if bias:
             self.add_param("b", np.zeros(self.n_out_padded // tp.size, dtype))
-
-    @classmethod
-    def from_reference(cls, linear: Linear, tp: Comm, **options) -> "ColumnParallelLinear":
-        """Cut this rank's columns from a reference :class:`~simpar.nn.Linear`."""
-        W = linear.params["W"]
-        m = cls(linear.n_in, linear.n_out, tp, bias="b" in linear.params, dtype=W.dtype,
-                **options)
-        return m.load_reference(linear)
+        if agree:
+            self.agree()
 
     def load_reference(self, linear: Linear) -> "ColumnParallelLinear":
         """Copy this rank's columns of ``linear`` into the parameters; returns self."""
@@ -207,6 +250,7 @@ class ColumnParallelLinear(TensorParallelModule):
         return F.linear_flops(x.size // self.n_in, self.n_in, self.params["W"].shape[1])
 
     def forward(self, x, key=0):
+        self._check_new_key(key)                       # before the first message
         if self.sequence_parallel:
             x = gather_from_sp_region(x, self.tp)      # (b, s, n_in): our own array
             self._save(key, x=x)
@@ -234,7 +278,7 @@ class ColumnParallelLinear(TensorParallelModule):
 
 
 # ------------------------------------------------------------------ row parallel
-class RowParallelLinear(TensorParallelModule):
+class RowParallelLinear(_ParallelLinear):
     """``Y = Σ_i X_i A_i + b``: the input rows of ``A`` split over the tp group.
 
     Input: this rank's columns ``X_i`` ``(b, s, n_in/t)`` (``input_is_parallel``,
@@ -247,9 +291,11 @@ class RowParallelLinear(TensorParallelModule):
     (see :meth:`sequence_parallel_grads`).
     """
 
+    settings = ("n_in", "n_out", "input_is_parallel", "sequence_parallel")
+
     def __init__(self, n_in: int, n_out: int, tp: Comm, bias: bool = True,
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
-                 dtype=np.float64, trace_name: str = "row") -> None:
+                 dtype=np.float64, trace_name: str = "row", agree: bool = True) -> None:
         super().__init__(tp, sequence_parallel)
         if sequence_parallel and not input_is_parallel:
             raise ValueError("sequence_parallel needs input_is_parallel=True")
@@ -259,14 +305,8 @@ class RowParallelLinear(TensorParallelModule):
         self.add_param("W", np.zeros((n_in // tp.size, n_out), dtype))
         if bias:
             self.add_param("b", np.zeros(n_out, dtype))
-
-    @classmethod
-    def from_reference(cls, linear: Linear, tp: Comm, **options) -> "RowParallelLinear":
-        """Cut this rank's rows from a reference :class:`~simpar.nn.Linear`."""
-        W = linear.params["W"]
-        m = cls(linear.n_in, linear.n_out, tp, bias="b" in linear.params, dtype=W.dtype,
-                **options)
-        return m.load_reference(linear)
+        if agree:
+            self.agree()
 
     def load_reference(self, linear: Linear) -> "RowParallelLinear":
         """Copy this rank's rows of ``linear`` (and the whole bias); returns self."""
@@ -300,6 +340,7 @@ class RowParallelLinear(TensorParallelModule):
         return y
 
     def backward_pass(self, dy, key=0, *, weights=True):
+        x = self._pop(key)["x"]         # first: backward without forward fails before a message
         if "b" in self.params:          # the bias is added after the sum: its own db
             self.grads["b"] += dy.reshape(-1, self.n_out).sum(axis=0, dtype=acc_dtype(dy.dtype))
             self._grads_pending |= self.sequence_parallel
@@ -307,7 +348,6 @@ class RowParallelLinear(TensorParallelModule):
             dy = reduce_scatter_to_sp_region_backward(dy, self.tp)
         else:
             dy = reduce_from_tp_region_backward(dy, self.tp)
-        x = self._pop(key)["x"]
         dx = _linear_backward(self, dy, x, key, weights, bias=False)
         if not self.input_is_parallel:
             dx = scatter_to_tp_region_backward(dx, self.tp)

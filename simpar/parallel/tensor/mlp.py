@@ -18,7 +18,7 @@ one all-reduce forward (``g``) and one backward (``f``), each of ``b·s·h``
 elements.  The naive scheme moves ``d_ff + h`` gathered elements per token
 forward and all-reduces ``d_ff + h`` backward; with ``d_ff = 4h`` that is 15
 against 4 ``b·s·h·(t−1)/t`` elements per device in the ring model (see
-:mod:`.accounting`).
+:func:`simpar.formulas.tp_mlp_comm_elements`).
 """
 from __future__ import annotations
 
@@ -50,29 +50,33 @@ class ParallelMLP(TensorParallelModule):
     shards ``(b, s/t, h)``; one all-gather + one reduce-scatter each way.
     """
 
+    settings = ("h", "d_ff", "sequence_parallel")
+
     def __init__(self, h: int, d_ff: int, tp: Comm, sequence_parallel: bool = False,
-                 dtype=np.float64, trace_name: str = "mlp") -> None:
+                 dtype=np.float64, trace_name: str = "mlp", agree: bool = True) -> None:
         super().__init__(tp, sequence_parallel)
         check_divisible("d_ff", d_ff, tp.size)
-        self.trace_name = trace_name
+        self.h, self.d_ff, self.trace_name = h, d_ff, trace_name
+        kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, agree=False)  # we agree
         self.fc1 = self.add_child("fc1", ColumnParallelLinear(
-            h, d_ff, tp, sequence_parallel=sequence_parallel, dtype=dtype,
-            trace_name=f"{trace_name}.fc1"))
+            h, d_ff, tp, trace_name=f"{trace_name}.fc1", **kw))
         self.fc2 = self.add_child("fc2", RowParallelLinear(
-            d_ff, h, tp, sequence_parallel=sequence_parallel, dtype=dtype,
-            trace_name=f"{trace_name}.fc2"))
+            d_ff, h, tp, trace_name=f"{trace_name}.fc2", **kw))
+        if agree:
+            self.agree()
 
     @classmethod
     def from_reference(cls, mlp: MLP, tp: Comm, sequence_parallel: bool = False,
-                       trace_name: str = "mlp") -> "ParallelMLP":
+                       trace_name: str = "mlp", agree: bool = True) -> "ParallelMLP":
         """Cut this rank's columns of ``fc1`` and rows of ``fc2`` from a reference MLP."""
         W1 = mlp.fc1.params["W"]
-        m = cls(W1.shape[0], W1.shape[1], tp, sequence_parallel, W1.dtype, trace_name)
+        m = cls(W1.shape[0], W1.shape[1], tp, sequence_parallel, W1.dtype, trace_name, agree)
         m.fc1.load_reference(mlp.fc1)
         m.fc2.load_reference(mlp.fc2)
         return m
 
     def forward(self, x, key=0):
+        self._check_new_key(key)
         a = self.fc1.forward(x, key)                   # (b, s, d_ff/t): my columns of XA
         self._save(key, a=a)
         return self.fc2.forward(_gelu(a, self.trace_name), key)
@@ -95,16 +99,21 @@ class NaiveTensorParallelMLP(TensorParallelModule):
     ``Y``.  Compare its traced bytes with :class:`ParallelMLP`'s.
     """
 
+    settings = ("h", "d_ff")
+
     def __init__(self, h: int, d_ff: int, tp: Comm, dtype=np.float64,
                  trace_name: str = "naive_mlp") -> None:
         super().__init__(tp)
         check_divisible("d_ff", d_ff, tp.size)
         check_divisible("h", h, tp.size)
-        self.trace_name = trace_name
+        self.h, self.d_ff, self.trace_name = h, d_ff, trace_name
         self.fc1 = self.add_child("fc1", ColumnParallelLinear(
-            h, d_ff, tp, gather_output=True, dtype=dtype, trace_name=f"{trace_name}.fc1"))
+            h, d_ff, tp, gather_output=True, dtype=dtype, trace_name=f"{trace_name}.fc1",
+            agree=False))
         self.fc2 = self.add_child("fc2", ColumnParallelLinear(
-            d_ff, h, tp, gather_output=True, dtype=dtype, trace_name=f"{trace_name}.fc2"))
+            d_ff, h, tp, gather_output=True, dtype=dtype, trace_name=f"{trace_name}.fc2",
+            agree=False))
+        self.agree()
 
     @classmethod
     def from_reference(cls, mlp: MLP, tp: Comm,

@@ -31,7 +31,7 @@ fc2 input (GeLU output)    b·s·d_ff/t             b·s·d_ff/t
 fc1 input (ln2 output)     bsh                    bsh (all-gathered)
 =========================  =====================  =========================
 
-Summed (:func:`.accounting.activation_elements`), with ``d_ff = 4h``:
+Summed (:func:`simpar.formulas.tp_activation_elements`), with ``d_ff = 4h``:
 TP ``bsh·(4 + 12/t) + 2bs + abs²/t``; TP+SP ``bsh·(2 + 14/t) + 2bs/t + abs²/t``.
 The structure is Korthikanti et al.'s Table 2 (bytes, 16-bit, with dropout):
 TP ``sbh(10 + 24/t + 5as/(ht))``, TP+SP ``sbh(34 + 5as/h)/t``.  Differences:
@@ -47,6 +47,8 @@ import numpy as np
 from ... import trace
 from ...comm import Comm
 from ...nn import GPT, LayerNorm, Module
+from ...nn.gpt import GPTPasses
+from ...nn.layers import check_ids
 from ...nn import functional as F
 from ...nn.module import frozen
 from ...nn.precision import acc_dtype
@@ -59,7 +61,7 @@ from .mappings import (copy_to_tp_region, copy_to_tp_region_backward, gather_fro
                        reduce_from_tp_region_backward, reduce_scatter_to_sp_region,
                        reduce_scatter_to_sp_region_backward)
 from .mlp import ParallelMLP
-from .vocab import (check_ids, embedding_shard_backward, embedding_shard_forward, shard_vocab,
+from .vocab import (embedding_shard_backward, embedding_shard_forward, shard_vocab,
                     vocab_parallel_cross_entropy, vocab_parallel_cross_entropy_backward,
                     vocab_range)
 
@@ -79,9 +81,12 @@ class ParallelTransformerBlock(TensorParallelModule):
     tensor-parallel attention and MLP; input/output ``(b, s, h)`` replicated, or
     ``(b, s/t, h)`` sequence shards with ``sequence_parallel``."""
 
+    settings = ("h", "n_head", "d_ff", "sequence_parallel")
+
     def __init__(self, h: int, n_head: int, d_ff: int, tp: Comm,
                  sequence_parallel: bool = False, dtype=np.float64,
-                 trace_name: str = "block", moe: Module | None = None) -> None:
+                 trace_name: str = "block", moe: Module | None = None,
+                 agree: bool = True) -> None:
         super().__init__(tp, sequence_parallel)
         check_divisible("hidden size h", h, tp.size)
         check_divisible("n_head", n_head, tp.size)
@@ -90,23 +95,25 @@ class ParallelTransformerBlock(TensorParallelModule):
             raise ValueError("MoE layers with sequence parallelism are not supported: the "
                              "router's capacity is counted per rank's tokens, so sequence "
                              "shards would route differently (use sequence_parallel=False)")
-        self.h, self.trace_name = h, trace_name
+        self.h, self.n_head, self.d_ff, self.trace_name = h, n_head, d_ff, trace_name
         self.recompute = "none"         # "full": keep the input only, forward again in backward
         sp = sequence_parallel
         self.ln1 = self.add_child("ln1", LayerNorm(h, dtype=dtype))
         self.attn = self.add_child("attn", ParallelAttention(
-            h, n_head, tp, sp, dtype, trace_name=f"{trace_name}.attn"))
+            h, n_head, tp, sp, dtype, trace_name=f"{trace_name}.attn", agree=False))
         self.ln2 = self.add_child("ln2", LayerNorm(h, dtype=dtype))
         if moe is None:                 # the feed-forward: a tensor-parallel MLP ...
             self.ffn = self.mlp = self.add_child("mlp", ParallelMLP(
-                h, d_ff, tp, sp, dtype, trace_name=f"{trace_name}.mlp"))
+                h, d_ff, tp, sp, dtype, trace_name=f"{trace_name}.mlp", agree=False))
         else:                           # ... or an MoE layer, replicated over tp
             self.ffn = self.moe = self.add_child("moe", moe)
+        if agree:
+            self.agree()
 
     @classmethod
     def from_reference(cls, block, tp: Comm, sequence_parallel: bool = False,
                        trace_name: str | None = None, ep: Comm | None = None,
-                       aux_scale: float = 1.0) -> "ParallelTransformerBlock":
+                       aux_scale: float = 1.0, agree: bool = True) -> "ParallelTransformerBlock":
         """Cut this rank's shards from a reference :class:`~simpar.nn.TransformerBlock`
         — or from an :class:`~simpar.nn.MoETransformerBlock`, whose MoE layer
         becomes an :class:`~simpar.parallel.expert.ExpertParallelMoE` over ``ep``
@@ -122,7 +129,7 @@ class ParallelTransformerBlock(TensorParallelModule):
         else:
             d_ff = block.mlp.fc1.n_out
         m = cls(block.h, attn.n_head, d_ff, tp, sequence_parallel,
-                attn.qkv.params["W"].dtype, trace_name or block.trace_name, moe=moe)
+                attn.qkv.params["W"].dtype, trace_name or block.trace_name, moe=moe, agree=agree)
         m.set_recompute(getattr(block, "recompute", "none"))
         return m.load_reference(block)
 
@@ -143,10 +150,8 @@ class ParallelTransformerBlock(TensorParallelModule):
         return (own if self.sequence_parallel else []) + super().sequence_parallel_grads()
 
     def forward(self, x, key=0):
-        y = self._forward(x, key)
-        if self.recompute == "full":
-            self._keep_input_only(x, key)
-        return y
+        self._check_new_key(key)        # before the first message
+        return self._forward_recomputable(x, key)
 
     def _forward(self, x, key):
         name = self.trace_name
@@ -170,7 +175,7 @@ class ParallelTransformerBlock(TensorParallelModule):
         return dx
 
 
-class ParallelGPT(TensorParallelModule):
+class ParallelGPT(GPTPasses, TensorParallelModule):
     """The reference :class:`~simpar.nn.GPT`, tensor-parallel (and optionally
     sequence-parallel), with the vocabulary split over ``tp`` at both ends.
 
@@ -186,8 +191,10 @@ class ParallelGPT(TensorParallelModule):
     3 all-reduces of ``b·s`` numbers in the loss.
     """
 
+    settings = ("config", "layers", "sequence_parallel")
+
     def __init__(self, config, tp: Comm, sequence_parallel: bool = False,
-                 dtype=np.float64, layers=None, blocks=None) -> None:
+                 dtype=np.float64, layers=None, blocks=None, agree: bool = True) -> None:
         super().__init__(tp, sequence_parallel)
         c = self.config = config
         check_divisible("d_model", c.d_model, tp.size)
@@ -201,19 +208,21 @@ class ParallelGPT(TensorParallelModule):
         self.layers = range(c.n_layer) if layers is None else layers
         if blocks is None:
             blocks = [ParallelTransformerBlock(c.d_model, c.n_head, c.d_ff, tp,
-                                               sequence_parallel, dtype, f"block{i}")
+                                               sequence_parallel, dtype, f"block{i}", agree=False)
                       for i in self.layers]
         self.blocks = [self.add_child(f"blocks.{i}", b) for i, b in zip(self.layers, blocks)]
         self.ln_f = self.add_child("ln_f", LayerNorm(c.d_model, dtype=dtype))
         self.lm_head = None if c.tie_weights else self.add_child(
             "lm_head", ColumnParallelLinear(c.d_model, c.vocab_size, tp, bias=False,
                                             sequence_parallel=sequence_parallel, pad=True,
-                                            dtype=dtype, trace_name="head.lm_head"))
+                                            dtype=dtype, trace_name="head.lm_head", agree=False))
+        if agree:                       # one exchange for the whole model
+            self.agree()
 
     @classmethod
     def from_reference(cls, gpt: GPT, tp: Comm, sequence_parallel: bool = False,
-                       layers=None, ep: Comm | None = None, aux_scale: float = 1.0
-                       ) -> "ParallelGPT":
+                       layers=None, ep: Comm | None = None, aux_scale: float = 1.0,
+                       agree: bool = True) -> "ParallelGPT":
         """Cut this rank's shards from a reference :class:`~simpar.nn.GPT` (or
         :class:`~simpar.nn.MoEGPT`: MoE layers over ``ep``, see
         :meth:`ParallelTransformerBlock.from_reference`).  ``layers``: the blocks
@@ -221,9 +230,10 @@ class ParallelGPT(TensorParallelModule):
         uses them)."""
         layers = range(gpt.config.n_layer) if layers is None else layers
         blocks = [ParallelTransformerBlock.from_reference(gpt.blocks[i], tp, sequence_parallel,
-                                                          ep=ep, aux_scale=aux_scale)
+                                                          ep=ep, aux_scale=aux_scale, agree=False)
                   for i in layers]
-        m = cls(gpt.config, tp, sequence_parallel, gpt.params["wte"].dtype, layers, blocks)
+        m = cls(gpt.config, tp, sequence_parallel, gpt.params["wte"].dtype, layers, blocks,
+                agree)
         m.params["wte"][...] = shard_vocab(gpt.params["wte"], tp)
         m.params["wpe"][...] = gpt.params["wpe"]
         m.ln_f.load_state_dict(gpt.ln_f.state_dict())
@@ -257,13 +267,9 @@ class ParallelGPT(TensorParallelModule):
 
     def embed_forward(self, idx, key=0):
         """``wte[idx] + wpe`` → ``(b, s, h)``, or this rank's ``(b, s/t, h)`` with SP."""
-        idx = np.asarray(idx)
-        if idx.ndim != 2 or idx.shape[1] > self.config.seq_len:
-            raise ValueError(f"idx must be (batch, seq) with seq <= seq_len="
-                             f"{self.config.seq_len}, got shape {idx.shape}")
+        idx = self._token_ids(idx)
         if self.sequence_parallel:
             check_divisible("sequence length", idx.shape[1], self.tp.size)
-        check_ids(idx, self.config.vocab_size)
         with trace.compute("embedding.forward"):
             y, local, mine = embedding_shard_forward(idx, self.params["wte"], self.vocab_start)
         self._save(key, slot="embed", local=local, mine=mine)
@@ -337,27 +343,12 @@ class ParallelGPT(TensorParallelModule):
             dWt, _ = F.linear_backward_weight(s["dlogits"], s["xn"])
             self.grads["wte"] += dWt.T
 
-    def backward_weights(self, key=0) -> None:
-        """All weight gradients left by :meth:`backward_input` of ``key``."""
-        self.head_backward_weights(key)
-        for block in reversed(self.blocks):
-            block.backward_weights(key)
-
     # -------------------------------------------------------- whole model
-    def forward(self, idx, key=0):
-        """Token ids ``(b, s)`` → this rank's logit columns ``(b, s, V_pad/t)``."""
-        x = self.embed_forward(idx, key)
-        for block in self.blocks:
-            x = block.forward(x, key)
-        return self.head_forward(x, key)
-
+    # forward and backward_weights: GPTPasses' (embedding, blocks, head)
     def backward_pass(self, dlogits, key=0, *, weights=True) -> None:
-        """Accumulate all gradients from this rank's logit columns' gradient
-        (``weights=False``: the GEMM weight gradients wait for :meth:`backward_weights`)."""
-        dx = self.head_backward(dlogits, key, weights=weights)
-        for block in reversed(self.blocks):
-            dx = block.backward_pass(dx, key, weights=weights)
-        self.embed_backward(dx, key)
+        """:meth:`GPTPasses.backward_pass` from this rank's logit columns' gradient;
+        under SP the replicated parameters' gradients are then partial sums."""
+        GPTPasses.backward_pass(self, dlogits, key, weights=weights)
         self._grads_pending |= self.sequence_parallel
 
     def _check_targets(self, idx, targets) -> np.ndarray:
@@ -367,6 +358,7 @@ class ParallelGPT(TensorParallelModule):
             raise ValueError(f"{targets.size} targets for {np.size(idx)} tokens "
                              f"(idx shape {np.shape(idx)}, targets shape {targets.shape})")
         check_ids(targets, self.config.vocab_size)
+        self.tp.agree("token batch (shapes of idx and targets)", (np.shape(idx), targets.shape))
         return targets
 
     def loss(self, idx, targets, key=0) -> float:

@@ -20,6 +20,7 @@ import numpy as np
 from ... import trace
 from ...comm import Comm
 from ...nn import Embedding
+from ...nn.layers import check_ids
 from ...nn.precision import mixed
 from .layers import TensorParallelModule, pad_along, padded_size, shard
 from .mappings import (reduce_from_tp_region, reduce_from_tp_region_backward,
@@ -32,15 +33,6 @@ def vocab_range(vocab_size: int, tp: Comm) -> tuple[int, int, int]:
     n_local = padded_size(vocab_size, tp.size) // tp.size
     start = tp.rank * n_local
     return start, int(np.clip(vocab_size - start, 0, n_local)), n_local
-
-
-def check_ids(ids: np.ndarray, vocab_size: int) -> None:
-    """Integer ids in ``[0, vocab_size)``, else a ``TypeError``/``ValueError``."""
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got range "
-                         f"[{ids.min()}, {ids.max()}]")
 
 
 # -------------------------------------------------------------------- embedding
@@ -70,12 +62,15 @@ class VocabParallelEmbedding(TensorParallelModule):
     reduce-scatter (Korthikanti et al. 2022 §4.2.2).
     """
 
+    settings = ("vocab_size", "h", "sequence_parallel")
+
     def __init__(self, vocab_size: int, h: int, tp: Comm, sequence_parallel: bool = False,
                  dtype=np.float64, trace_name: str = "embedding") -> None:
         super().__init__(tp, sequence_parallel)
         self.vocab_size, self.h, self.trace_name = vocab_size, h, trace_name
         self.start, _, n_local = vocab_range(vocab_size, tp)
         self.add_param("W", np.zeros((n_local, h), dtype))
+        self.agree()
 
     @classmethod
     def from_reference(cls, emb: Embedding, tp: Comm, sequence_parallel: bool = False,

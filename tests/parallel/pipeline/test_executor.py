@@ -204,6 +204,37 @@ def test_received_buffers_can_be_overwritten(name):
     launch(fn, 2, timeout=30)
 
 
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_simpar_check_clobbers_received_buffers(env, monkeypatch):
+    """``SIMPAR_CHECK=1`` (``comm.check``; on in the test suite) is what makes
+    ``run_schedule`` overwrite every received array with NaN after use: a module
+    that kept a reference to a receive buffer instead of a copy — simulated by
+    treating every array as immutable; under ZB-H1 the linear layers keep the
+    received ``dY`` for ``W`` — gives NaN gradients with the check and passes
+    unseen without it."""
+    monkeypatch.setenv("SIMPAR_CHECK", env)
+
+    def fn(comm):
+        got, recv = [], comm.recv
+
+        def spy(*a, **k):
+            got.append(recv(*a, **k))
+            return got[-1]
+        comm.recv = spy
+        checks.check_equivalence(comm, "zb-h1", 4, 5, clobber=None)
+        return comm.check, [bool(np.isnan(x).all()) for x in got]
+    for check, clobbered in launch(fn, 2, timeout=30):
+        assert check is (env == "1") and clobbered and set(clobbered) == {env == "1"}
+    import simpar.nn.module as M
+    monkeypatch.setattr(M, "is_immutable", lambda a: True)     # saved by reference
+    if env == "1":
+        with pytest.raises(AssertionError, match="error inf"):
+            launch(lambda c: checks.check_equivalence(c, "zb-h1", 4, 5, clobber=None), 2,
+                   timeout=30)
+    else:
+        launch(lambda c: checks.check_equivalence(c, "zb-h1", 4, 5, clobber=None), 2, timeout=30)
+
+
 def test_run_schedule_type_errors():
     from simpar.parallel.pipeline import run_schedule
 
