@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import time
 from typing import Any, Sequence
 
@@ -64,6 +65,7 @@ _MAX_DIMS = 8
 INLINE_BYTES = 1024
 _HEAD = 5                       # [sim time, bytes, NaN flag, h, -h]
 _RECORD = _HEAD + INLINE_BYTES // 8   # float64 slots of one rank's arrival record
+_HEAD_STRUCT = struct.Struct(f"{_HEAD}d")
 _ENVELOPE_LEN = 3 + _MAX_DIMS   # [send time, dtype code, ndim, dims...]
 _FP_MASK = (1 << 52) - 1        # fingerprints are integers a float64 holds exactly
 
@@ -118,7 +120,7 @@ def as_message(x: np.ndarray) -> np.ndarray:
     """A C-contiguous array of a supported dtype, or a ``TypeError`` naming the dtype."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"expected a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype not in DTYPES:
+    if x.dtype not in _DTYPE_CODE:
         raise TypeError(f"unsupported dtype {x.dtype}; simpar sends "
                         f"{', '.join(str(d) for d in DTYPES)}")
     if x.ndim > _MAX_DIMS:
@@ -126,6 +128,16 @@ def as_message(x: np.ndarray) -> np.ndarray:
                          f"(got shape {x.shape})")
     # (np.ascontiguousarray would turn a 0-d array into shape (1,))
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+
+def _check_out(out, shape: tuple, dtype, what: str) -> np.ndarray:
+    """``out`` if it can take the result (C-contiguous, that shape and dtype)."""
+    if (not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dtype
+            or not out.flags.c_contiguous):
+        raise ValueError(f"{what}: out must be a C-contiguous {dtype} array of shape {shape}, "
+                         f"got {getattr(out, 'dtype', type(out).__name__)} "
+                         f"{getattr(out, 'shape', '')}")
+    return out
 
 
 def _check_op(op: str) -> None:
@@ -171,8 +183,8 @@ class Arrival:
 
     def rows(self, dtype, count: int) -> np.ndarray:
         """Every rank's payload as ``count`` elements of ``dtype``: ``(size, count)``."""
-        n = count * np.dtype(dtype).itemsize
-        return self.table.view(np.uint8)[:, 8 * _HEAD:8 * _HEAD + n].view(dtype)
+        return np.ndarray((len(self.table), count), dtype, self.table, 8 * _HEAD,
+                          (8 * _RECORD, np.dtype(dtype).itemsize))
 
 
 class Comm:
@@ -255,13 +267,7 @@ class Comm:
         """Checks of an all-reduce's arguments; this rank's NaN flag (max/min)."""
         _check_op(op)
         x = as_message(x)
-        if out is None:
-            out = np.empty_like(x)
-        elif (not isinstance(out, np.ndarray) or out.shape != x.shape or out.dtype != x.dtype
-              or not out.flags.c_contiguous):
-            raise ValueError(f"all_reduce: out must be a C-contiguous {x.dtype} array of shape "
-                             f"{x.shape}, got {getattr(out, 'dtype', type(out))} "
-                             f"{getattr(out, 'shape', '')}")
+        out = np.empty_like(x) if out is None else _check_out(out, x.shape, x.dtype, "all_reduce")
         # max/min of a message that moves after the arrival: one pass (np.max
         # propagates NaN); sums propagate NaN by themselves, and so does an inline reduce
         flag = float(op != "sum" and x.nbytes > INLINE_BYTES
@@ -272,9 +278,14 @@ class Comm:
     def _reduce(self, x: np.ndarray, op: str, out: np.ndarray, arr: "Arrival") -> np.ndarray:
         """The data of an all-reduce, after the arrival exchange ``arr``."""
         if arr.inline:                      # it rode in the arrival: reduce here
-            parts = arr.rows(x.dtype, x.size)
-            wide = parts.astype(np.float32) if x.dtype in HALF_DTYPES else parts
-            np.copyto(out.reshape(-1), _UFUNC[op].reduce(wide, axis=0), casting="unsafe")
+            parts, flat = arr.rows(x.dtype, x.size), out.reshape(-1)
+            if x.dtype in HALF_DTYPES:                 # in float32, rounded once
+                np.copyto(flat, _UFUNC[op].reduce(parts.astype(np.float32), axis=0),
+                          casting="unsafe")
+            elif self.size == 2:                       # rank 0's op rank 1's, as reduce does
+                _UFUNC[op](parts[0], parts[1], out=flat)
+            else:
+                _UFUNC[op].reduce(parts, axis=0, out=flat)
             return out
         if x.dtype in HALF_DTYPES:                     # in float32, rounded once
             wide = x.astype(np.float32)
@@ -293,55 +304,80 @@ class Comm:
         out[mask.astype(bool)] = np.nan
         return out
 
-    def all_gather(self, x: np.ndarray, axis: int = 0) -> np.ndarray:
-        """Concatenate every rank's ``x`` along ``axis`` (rank order)."""
+    def all_gather(self, x: np.ndarray, axis: int = 0, out: np.ndarray | None = None
+                   ) -> np.ndarray:
+        """Concatenate every rank's ``x`` along ``axis`` (rank order), into a fresh
+        array or into ``out`` (C-contiguous, the result's shape and dtype)."""
         x = as_message(x)
         axis = _norm_axis(axis, max(x.ndim, 1))
+        shape = x.shape[:axis] + (x.shape[axis] * self.size,) + x.shape[axis + 1:] if x.ndim \
+            else (self.size,)
+        out = np.empty(shape, x.dtype) if out is None else _check_out(out, shape, x.dtype,
+                                                                     "all_gather")
 
         def run(arr):
+            # axis 0: the ranks' blocks follow each other in out; else gather, then lay out
+            stacked = out.reshape((self.size,) + x.shape) if axis == 0 else \
+                np.empty((self.size,) + x.shape, x.dtype)
             if arr.inline:                             # it rode in the arrival
-                stacked = np.array(arr.rows(x.dtype, x.size)).reshape((self.size,) + x.shape)
+                np.copyto(stacked.reshape(self.size, -1), arr.rows(x.dtype, x.size))
             else:
-                stacked = self._raw_all_gather(x)      # (size, *x.shape)
-            return np.concatenate(list(stacked), axis=axis) if axis else \
-                stacked.reshape((-1,) + x.shape[1:])
+                self._raw_all_gather(x, stacked)
+            if axis:
+                np.concatenate(list(stacked), axis=axis, out=out)
+            return out
         return self._collective(("all_gather", axis, x.dtype, x.shape), x.nbytes * self.size,
                                 run, x)
 
-    def reduce_scatter(self, x: np.ndarray, axis: int = 0) -> np.ndarray:
-        """Sum over the group, then keep this rank's ``1/size`` slice along ``axis``."""
+    def reduce_scatter(self, x: np.ndarray, axis: int = 0, out: np.ndarray | None = None
+                       ) -> np.ndarray:
+        """Sum over the group, then keep this rank's ``1/size`` slice along ``axis``
+        (into a fresh array or ``out``)."""
         x = as_message(x)
         axis = _norm_axis(axis, max(x.ndim, 1))
         if x.shape[axis] % self.size:
             raise ValueError(f"reduce_scatter: dimension {axis} of shape {x.shape} is not "
                              f"divisible by the group size {self.size}")
+        shape = x.shape[:axis] + (x.shape[axis] // self.size,) + x.shape[axis + 1:]
+        out = np.empty(shape, x.dtype) if out is None else _check_out(out, shape, x.dtype,
+                                                                     "reduce_scatter")
         # bring the scattered axis to the front so each rank's block is contiguous
         blocks = np.ascontiguousarray(np.moveaxis(x, axis, 0)) if axis else x
 
         def run(arr):
+            part = out if axis == 0 else np.empty((shape[axis],) + blocks.shape[1:], x.dtype)
             k = blocks.shape[0] // self.size
-            if arr.inline:                  # it rode in the arrival: sum here
+            if arr.inline:                             # it rode in the arrival: sum here
                 mine = arr.rows(x.dtype, x.size).reshape((self.size,) + blocks.shape)
                 mine = mine[:, self.rank * k:(self.rank + 1) * k]
                 wide = mine.astype(np.float32) if x.dtype in HALF_DTYPES else mine
-                part = np.add.reduce(wide, axis=0).astype(x.dtype, copy=False)
+                np.copyto(part, np.add.reduce(wide, axis=0), casting="unsafe")
             elif x.dtype in HALF_DTYPES:               # in float32, rounded once
-                part = self._raw_reduce_scatter(blocks.astype(np.float32)).astype(x.dtype)
+                wide = np.empty(part.shape, np.float32)
+                self._raw_reduce_scatter(blocks.astype(np.float32), wide)
+                np.copyto(part, wide, casting="unsafe")
             else:
-                part = self._raw_reduce_scatter(blocks)
-            return np.ascontiguousarray(np.moveaxis(part, 0, axis)) if axis else part
+                self._raw_reduce_scatter(blocks, part)
+            if axis:
+                np.copyto(out, np.moveaxis(part, 0, axis))
+            return out
         return self._collective(("reduce_scatter", axis, x.dtype, x.shape), x.nbytes, run,
                                 blocks)
 
-    def broadcast(self, x: np.ndarray, root: int = 0) -> np.ndarray:
-        """Every rank gets ``root``'s array (all ranks pass an array of that shape)."""
+    def broadcast(self, x: np.ndarray, root: int = 0, out: np.ndarray | None = None
+                  ) -> np.ndarray:
+        """Every rank gets ``root``'s array (all ranks pass an array of that shape),
+        in a fresh array or in ``out`` (``out=x``: in place, as ``MPI_Bcast``)."""
         self._check_rank(root, "root")
         x = as_message(x)
+        out = np.empty_like(x) if out is None else _check_out(out, x.shape, x.dtype, "broadcast")
 
         def run(arr):
             if arr.inline:
-                return arr.rows(x.dtype, x.size)[root].reshape(x.shape).copy()
-            return self._raw_broadcast(x, root)
+                np.copyto(out.reshape(-1), arr.rows(x.dtype, x.size)[root])
+            else:
+                self._raw_broadcast(x, root, out)
+            return out
         return self._collective(("broadcast", root, x.dtype, x.shape), x.nbytes, run, x)
 
     def barrier(self) -> None:
@@ -540,19 +576,19 @@ class Comm:
         rides along if it has at most ``INLINE_BYTES``.  If the fingerprints
         ``h`` differ, every rank raises the same ValueError."""
         inline = payload is not None and payload.nbytes <= INLINE_BYTES
-        rec = self._record
-        h = float(self._fingerprint(sig))
-        rec[:_HEAD] = (now, nbytes, flag, h, -h)
+        h = self._fingerprint(sig)
+        _HEAD_STRUCT.pack_into(self._record, 0, now, nbytes, flag, h, -h)
         if inline:
             self._record_bytes[8 * _HEAD:8 * _HEAD + payload.nbytes] = \
                 payload.reshape(-1).view(np.uint8)
         if self.size == 1:
-            return Arrival(now, nbytes, False, rec[None] if inline else None)
-        table = self._raw_arrive(rec, sig)
-        start, most, nan, hmax, hneg = table[:, :_HEAD].max(axis=0).tolist()
-        if hmax != -hneg:
+            return Arrival(now, nbytes, False, self._record[None] if inline else None)
+        table = self._raw_arrive(self._record, sig)
+        heads = [_HEAD_STRUCT.unpack_from(table, 8 * _RECORD * r) for r in range(self.size)]
+        times, sizes, flags, hs, _ = zip(*heads)
+        if min(hs) != max(hs):
             self._disagree(sig)
-        return Arrival(start, int(most), bool(nan), table if inline else None)
+        return Arrival(max(times), int(max(sizes)), any(flags), table if inline else None)
 
     def _disagree(self, sig: tuple) -> None:
         """Cold path: every rank's call in words, then the same error everywhere."""
@@ -576,7 +612,8 @@ class Comm:
         kind, t = sig[0], self.tracer
         wall0 = time.perf_counter()
         arr = self._arrive(sig, t.clock.now, nbytes, flag, payload)
-        t.wait_until(arr.start, "wait " + kind)
+        if arr.start > t.clock.now:
+            t.wait_until(arr.start, "wait " + kind)
         # bookkeeping before the data moves: Python right after a large
         # transfer runs with cold caches (~10x slower on this machine)
         start, end = t.clock.collective(kind, arr.nbytes, self.size, self.link, arr.start)
@@ -599,15 +636,16 @@ class Comm:
     def _raw_all_reduce(self, x: np.ndarray, op: str, out: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def _raw_all_gather(self, x: np.ndarray) -> np.ndarray:
-        """Stack every rank's ``x``: shape ``(size, *x.shape)``."""
+    def _raw_all_gather(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Every rank's ``x`` into ``out``, shape ``(size, *x.shape)``."""
         raise NotImplementedError
 
-    def _raw_reduce_scatter(self, x: np.ndarray) -> np.ndarray:
-        """Sum, then rows ``[rank*n/size, (rank+1)*n/size)`` of axis 0."""
+    def _raw_reduce_scatter(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Sum, then rows ``[rank*n/size, (rank+1)*n/size)`` of axis 0 into ``out``."""
         raise NotImplementedError
 
-    def _raw_broadcast(self, x: np.ndarray, root: int) -> np.ndarray:
+    def _raw_broadcast(self, x: np.ndarray, root: int, out: np.ndarray) -> None:
+        """``root``'s ``x`` into every rank's ``out`` (``out`` may be ``x``)."""
         raise NotImplementedError
 
     def _raw_barrier(self) -> None:

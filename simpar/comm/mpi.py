@@ -148,20 +148,16 @@ class MPIComm(Comm):
         self._c.Allreduce(_op("in_place") if out is x else x, out, op=_op(op))
         return out
 
-    def _raw_all_gather(self, x):
-        out = np.empty((self.size,) + x.shape, x.dtype)
+    def _raw_all_gather(self, x, out):
         self._c.Allgather(_bytes16(x), _bytes16(out))
-        return out
 
-    def _raw_reduce_scatter(self, x):
-        out = np.empty((x.shape[0] // self.size,) + x.shape[1:], x.dtype)
+    def _raw_reduce_scatter(self, x, out):
         self._c.Reduce_scatter_block(x, out, op=_op("sum"))
-        return out
 
-    def _raw_broadcast(self, x, root):
-        buf = x.copy() if self.rank == root else np.empty_like(x)
-        self._c.Bcast(_bytes16(buf), root=root)
-        return buf
+    def _raw_broadcast(self, x, root, out):
+        if self.rank == root and out is not x:
+            np.copyto(out, x)
+        self._c.Bcast(_bytes16(out), root=root)
 
     def _raw_barrier(self):
         pass    # the arrival exchange just before already waited for every member
@@ -175,14 +171,11 @@ class MPIComm(Comm):
         return recv
 
     def _raw_all_to_all(self, x, send_counts, recv_counts):
-        row = int(np.prod(x.shape[1:], dtype=np.int64))
+        row = math.prod(x.shape[1:])
+        sc = [int(c) * row for c in send_counts]          # elements, in plain Python:
+        rc = [int(c) * row for c in recv_counts]          # p numbers are faster so
         out = np.empty((int(recv_counts.sum()),) + x.shape[1:], x.dtype)
-        sc, rc = send_counts * row, recv_counts * row
-        sd = np.concatenate([[0], np.cumsum(sc)[:-1]])
-        rd = np.concatenate([[0], np.cumsum(rc)[:-1]])
-        send = [_bytes16(x), (sc.astype(np.int32), sd.astype(np.int32))]
-        recv = [_bytes16(out), (rc.astype(np.int32), rd.astype(np.int32))]
-        self._c.Alltoallv(send, recv)
+        self._c.Alltoallv([_bytes16(x), (sc, _offsets(sc))], [_bytes16(out), (rc, _offsets(rc))])
         return out
 
     # ------------------------------------------------------- point-to-point
@@ -205,6 +198,15 @@ class MPIComm(Comm):
 
     def _raw_gather_objects(self, obj):
         return self._c.allgather(obj)          # pickle-ok: cold path (results, error reports)
+
+
+def _offsets(counts: list[int]) -> list[int]:
+    """Displacements of consecutive blocks of ``counts`` elements."""
+    out, total = [], 0
+    for c in counts:
+        out.append(total)
+        total += c
+    return out
 
 
 def _polite_wait(req) -> None:

@@ -240,22 +240,21 @@ class ThreadComm(Comm):
         np.copyto(out, acc)
         return out
 
-    def _raw_all_gather(self, x):
-        return self._exchange(x, np.stack)
+    def _raw_all_gather(self, x, out):
+        self._exchange(x, lambda parts: np.stack(parts, out=out))
 
-    def _raw_reduce_scatter(self, x):
+    def _raw_reduce_scatter(self, x, out):
         n = x.shape[0] // self.size
         lo = self.rank * n
 
         def read(parts):
-            out = parts[0][lo:lo + n].copy()
+            np.copyto(out, parts[0][lo:lo + n])
             for p in parts[1:]:
-                out += p[lo:lo + n]
-            return out
-        return self._exchange(x, read)
+                np.add(out, p[lo:lo + n], out=out)
+        self._exchange(x, read)
 
-    def _raw_broadcast(self, x, root):
-        return self._exchange(x, lambda parts: parts[root].copy())
+    def _raw_broadcast(self, x, root, out):
+        self._exchange(x, lambda parts: np.copyto(out, parts[root]))
 
     def _raw_barrier(self):
         self._group.wait(self.rank, self._what, self.name)

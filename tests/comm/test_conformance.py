@@ -66,3 +66,29 @@ def test_gather_scatter_shapes(size, shape, axis_seed, dtype):
         total = sum(np.concatenate(parts, axis=axis) for _ in range(comm.size))
         np.testing.assert_array_equal(back, np.split(total, comm.size, axis=axis)[comm.rank])
     launch(fn, size, timeout=30)
+
+
+def test_small_messages_ride_in_the_arrival_exchange(monkeypatch):
+    """At most INLINE_BYTES: one exchange in all (no data call); larger: the data
+    call follows.  The all-to-all's counts always ride along."""
+    from simpar.comm import threads
+    from simpar.comm.base import INLINE_BYTES
+    calls = []
+    for name in ("_raw_all_reduce", "_raw_all_gather", "_raw_reduce_scatter", "_raw_broadcast",
+                 "_raw_all_to_all_counts"):
+        orig = getattr(threads.ThreadComm, name)
+        monkeypatch.setattr(threads.ThreadComm, name,
+                            lambda self, *a, _o=orig, _n=name: calls.append(_n) or _o(self, *a))
+
+    def run(comm, n):
+        x = np.ones(n)
+        comm.all_reduce(x)
+        comm.all_gather(x)                          # each rank sends n elements
+        comm.reduce_scatter(x)
+        comm.broadcast(x)
+        comm.all_to_all(x, [n // 2, n - n // 2])
+    launch(lambda c: run(c, INLINE_BYTES // 8), 2)
+    assert calls == []
+    launch(lambda c: run(c, INLINE_BYTES // 8 + 2), 2)
+    assert sorted(set(calls)) == ["_raw_all_gather", "_raw_all_reduce", "_raw_broadcast",
+                                  "_raw_reduce_scatter"], calls
