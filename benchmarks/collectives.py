@@ -8,7 +8,9 @@ For all-reduce, all-gather, reduce-scatter, broadcast and the uneven all-to-all,
 1 KiB - 8 MiB (float32; the size is the full buffer: all-reduce's array,
 all-gather's output, reduce-scatter's input, the broadcast array, the rows one rank
 sends), raw mpi4py and simpar take turns, 8 back-to-back calls a turn, and the
-median time per call is compared.  simpar's call includes everything a user gets:
+median time per call is compared; both write into preallocated outputs (simpar's
+``out=``; the all-to-all, whose size only the counts tell, returns a fresh array).
+simpar's call includes everything a user gets:
 argument checks, the arrival exchange (simulated clock, agreement check, the NaN
 flag — and the whole message when it is at most ``INLINE_BYTES``), tracing, and
 polite waiting when ranks outnumber cores.  The raw all-to-all exchanges its counts
@@ -72,13 +74,14 @@ def cases_for(kind: str, nbytes: int, raw, comm) -> dict:
         return {"raw": lambda: raw.Allreduce(x, out), "simpar": lambda: comm.all_reduce(x, out=out)}
     if kind == "all_gather":
         part, out = x[:n // p].copy(), np.empty_like(x)
-        return {"raw": lambda: raw.Allgather(part, out), "simpar": lambda: comm.all_gather(part)}
+        return {"raw": lambda: raw.Allgather(part, out),
+                "simpar": lambda: comm.all_gather(part, out=out)}
     if kind == "reduce_scatter":
         out = np.empty(n // p, np.float32)
         return {"raw": lambda: raw.Reduce_scatter_block(x, out, op=MPI.SUM),
-                "simpar": lambda: comm.reduce_scatter(x)}
-    if kind == "broadcast":
-        return {"raw": lambda: raw.Bcast(x, root=0), "simpar": lambda: comm.broadcast(x, 0)}
+                "simpar": lambda: comm.reduce_scatter(x, out=out)}
+    if kind == "broadcast":                          # in place on every rank, as MPI_Bcast
+        return {"raw": lambda: raw.Bcast(x, root=0), "simpar": lambda: comm.broadcast(x, 0, out=x)}
     counts = np.full(p, n // p, np.int64)            # an even split, sent as uneven rows
     rcounts, out = np.empty_like(counts), np.empty_like(x)
     displ = (np.arange(p) * (n // p)).astype(np.int32)

@@ -171,10 +171,10 @@ class MPIComm(Comm):
         return recv
 
     def _raw_all_to_all(self, x, send_counts, recv_counts):
-        row = math.prod(x.shape[1:])
-        sc = [int(c) * row for c in send_counts]          # elements, in plain Python:
-        rc = [int(c) * row for c in recv_counts]          # p numbers are faster so
-        out = np.empty((int(recv_counts.sum()),) + x.shape[1:], x.dtype)
+        row = math.prod(x.shape[1:])                      # elements, in plain Python:
+        sc = [c * row for c in send_counts.tolist()]      # p numbers are faster so
+        rc = [c * row for c in recv_counts.tolist()]
+        out = np.empty((sum(recv_counts.tolist()),) + x.shape[1:], x.dtype)
         self._c.Alltoallv([_bytes16(x), (sc, _offsets(sc))], [_bytes16(out), (rc, _offsets(rc))])
         return out
 
