@@ -15,7 +15,6 @@ validation) in 500 steps, about 12 s on one core.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -487,39 +486,42 @@ def utilization(comm, hybrid, batch_size: int, wall_step: float, sim_step: float
             "mfu_sim": model_flops / (sim_step * n * dev), "hfu_sim": hw_flops / (sim_step * n * dev)}
 
 
-def _parser():
-    ap = argparse.ArgumentParser(
-        prog="python -m simpar train",
-        description="Train a character-level GPT on the shipped corpus on any layout "
-                    "dp x tp x pp (x ep, x cp): threads with the layout's world size, or the "
-                    "ranks of mpiexec.")
+def parser():
+    """``python -m simpar train``'s options."""
+    from . import sim
+    from .cli import Parser
+    ap = Parser("python -m simpar train",
+                "Train a character-level GPT on the shipped corpus on any layout dp x tp x pp "
+                "(x ep, x cp): threads with the layout's world size, or the ranks of mpiexec.")
     add = ap.add_argument
-    add("--dp", type=int, default=1, help="data-parallel degree (default 1)")
-    add("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
-    add("--pp", type=int, default=1, help="pipeline stages (default 1)")
-    add("--ep", type=int, default=1, help="expert-parallel degree, divides dp (default 1)")
+    add("--dp", type=int, default=1, help="data-parallel degree")
+    add("--tp", type=int, default=1, help="tensor-parallel degree")
+    add("--pp", type=int, default=1, help="pipeline stages")
+    add("--ep", type=int, default=1, help="expert-parallel degree (divides dp)")
     add("--vpp", type=int, default=1, help="model chunks per pipeline rank (interleaved)")
     add("--cp", type=int, default=1, help="context-parallel degree: the sequence split over "
-        "cp ranks (default 1)")
+        "cp ranks")
     add("--attention", default="ring", choices=("ring", "ulysses"),
-        help="context-parallel attention with --cp > 1: ring (load-balanced ring attention, "
-        "default) or ulysses (all-to-all over heads)")
-    add("--schedule", default=None, help="pipeline schedule: naive, gpipe, 1f1b, "
-        "interleaved, zb-h1 (default 1f1b; interleaved when --vpp > 1)")
-    add("--micro-batches", type=int, default=1, help="micro-batches per step (default 1)")
+        help="context-parallel attention with --cp > 1: ring (load-balanced ring attention) "
+        "or ulysses (all-to-all over heads)")
+    add("--schedule", default=None, choices=("naive", "gpipe", "1f1b", "interleaved", "zb-h1"),
+        help="pipeline schedule (None: 1f1b, or interleaved when --vpp > 1)")
+    add("--micro-batches", type=int, default=1, metavar="M", help="micro-batches per step")
     add("--sequence-parallel", action="store_true", help="sequence parallelism inside tp")
-    add("--moe-experts", type=int, default=0, help="MoE layers with this many experts (0: dense)")
-    add("--moe-k", type=int, default=1, help="experts per token (top-k, default 1)")
+    add("--moe-experts", type=int, default=0, metavar="E",
+        help="MoE layers with this many experts (0: dense)")
+    add("--moe-k", type=int, default=1, metavar="K", help="experts per token (top-k)")
     add("--overlap", action="store_true", help="overlap gradient all-reduces with backward")
-    add("--bucket-bytes", type=int, default=1 << 20, help="gradient bucket size (default 1 MiB)")
-    add("--steps", type=int, default=500, help="training steps (default 500)")
-    add("--batch-size", type=int, default=16, help="GLOBAL batch size (default 16)")
-    add("--lr", type=float, default=5e-3, help="peak learning rate (default 5e-3)")
-    add("--seed", type=int, default=0, help="model and data seed (default 0)")
-    add("--log-every", type=int, default=25, help="print every N steps (default 25)")
-    add("--float64", action="store_true", help="train in float64 (default float32)")
-    add("--cluster", default="a100", help="simulated cluster preset (default a100)")
-    add("--out", default="out", help="folder for the loss curve and timeline (default ./out)")
+    add("--bucket-bytes", type=int, default=1 << 20, metavar="B", help="gradient bucket size")
+    add("--steps", type=int, default=500, help="training steps")
+    add("--batch-size", type=int, default=16, help="GLOBAL batch size (all replicas)")
+    add("--lr", type=float, default=5e-3, help="peak learning rate")
+    add("--seed", type=int, default=0, help="model and data seed")
+    add("--log-every", type=int, default=25, metavar="N", help="print every N steps")
+    add("--float64", action="store_true", help="train in float64 (else float32)")
+    add("--cluster", default="a100", choices=sorted(sim.PRESETS),
+        help="simulated cluster preset for the simulated clock")
+    add("--out", default="out", help="folder for the loss curve and timeline (git-ignored)")
     add("--zero", type=int, default=0, choices=(0, 1, 2, 3),
         help="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters")
     add("--save", default=None, metavar="DIR", help="write sharded checkpoints into DIR")
@@ -529,10 +531,10 @@ def _parser():
         "(any layout, any ZeRO stage)")
     add("--recompute", default="none", choices=("none", "selective", "full"),
         help="activation recomputation: selective recomputes attention's softmax, full "
-        "each layer's forward, in backward (default none)")
+        "each layer's forward, in backward")
     add("--precision", default=None, choices=("fp32", "bf16", "fp16"),
         help="16-bit model (bf16 or fp16) with float32 master weights and Adam state; fp16 "
-        "uses dynamic loss scaling (default: fp32, or fp64 with --float64)")
+        "uses dynamic loss scaling (None: fp32, or fp64 with --float64)")
     add("--no-loss-scaling", action="store_true", help="fp16 without loss scaling (to see "
         "gradients underflow)")
     return ap
@@ -542,7 +544,7 @@ def main(argv=None) -> dict:
     from . import sim, viz
     from .comm import launch, launcher_size, run
     from .comm.mesh import ParallelConfig
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     layout = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp,
                             cp=args.cp)
     schedule = args.schedule or ("interleaved" if args.vpp > 1 else "1f1b")

@@ -1,7 +1,7 @@
 """Expert parallelism demo: an MoE layer's experts split over the devices.
 
-    python -m simpar.demos.expert_parallel                  # 4 devices (threads)
-    mpiexec -n 4 python -m simpar.demos.expert_parallel     # 4 MPI processes
+    python -m simpar expert                  # 4 devices (threads)
+    mpiexec -n 4 python -m simpar expert     # 4 MPI processes
 
 1. checks the expert-parallel MoE layer (k = 1 and 2, with token dropping)
    against the reference layer run on the union of all devices' tokens:
@@ -143,9 +143,14 @@ COMM_LABELS = {"all_to_all": "all-to-all", "all_gather": "counts", "all_reduce":
 
 
 # ------------------------------------------------------------------ main
+def parser():
+    ap = demo_parser("expert", __doc__)
+    ap.add_argument("--steps", type=int, default=150, help="training steps per run (>= 2)")
+    return ap
+
+
 def main(argv=None) -> None:
-    ap = demo_parser("python -m simpar.demos.expert_parallel", __doc__)
-    ap.add_argument("--steps", type=int, default=150, help="training steps per run (default 150)")
+    ap = parser()
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error(f"--steps must be at least 2, got {args.steps}")

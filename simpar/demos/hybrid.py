@@ -1,6 +1,6 @@
 """Hybrid parallelism: every layout trains the same model (``figures/hybrid_loss.png``).
 
-    python -m simpar.demos.hybrid [--steps 40] [--out DIR]
+    python -m simpar hybrid [--steps 40] [--out DIR]
 
 Trains the default GPT of :mod:`simpar.train` (with 4 layers, so that interleaved
 pp2 × vpp2 has a layer per stage) on the shipped corpus for ``--steps`` steps, in
@@ -12,10 +12,10 @@ tied run is another model: it is compared with a tied one-device run).  Prints t
 largest relative difference per layout and draws every loss curve on one plot
 (:func:`simpar.viz.loss_curves`).
 
-Each layout runs in a threads world of its own size (2, 4 or 8 devices), whatever
-``--world-size`` and ``--backend`` say (they are accepted so that
-``python -m simpar figures`` can call every demo alike).  The figure comes from
-seeded runs on the threads backend, so it is the same bytes every run.
+Each layout runs in a threads world of its own size (2, 4 or 8 devices), so there
+is no ``--world-size`` (under ``mpiexec`` with several processes it refuses to run).
+The figure comes from seeded runs on the threads backend, so it is the same bytes
+every run.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from ..comm import launch
 from ..comm.mesh import ParallelConfig as P
 from ..testing import rel_error
 from ..train import train, train_reference
-from .common import demo_parser, process_rank
+from .common import demo_parser, threads_only
 
 FIGURE = "hybrid_loss.png"
 MODEL = dict(n_layer=4)                 # DEFAULT_MODEL with a layer for each of 4 stages
@@ -74,14 +74,18 @@ def figure(curves: dict, errors: dict, steps: int):
                                    f"every loss within {worst:.0e} of one device")
 
 
+def parser():
+    ap = demo_parser("hybrid", __doc__, cluster=None, world=False)
+    ap.add_argument("--steps", type=int, default=40, help="training steps per layout")
+    return ap
+
+
 def main(argv=None) -> None:
-    ap = demo_parser("python -m simpar.demos.hybrid", __doc__)
-    ap.add_argument("--steps", type=int, default=40, help="training steps per layout (default 40)")
+    ap = parser()
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps must be at least 1, got {args.steps}")
-    if process_rank() != 0:
-        return
+    threads_only("hybrid")
     out = run_layouts(args.steps)
     print(f"hybrid layouts: the default GPT with {MODEL['n_layer']} layers, float64, global "
           f"batch {BATCH}, {args.steps} AdamW steps with clipping; threads worlds\n")

@@ -14,8 +14,9 @@
    fraction of gradients below float16's normal range → ``mixed_precision_loss.png``.
 
 Every number comes from the ledger or from seeded threads runs, so the figures
-are the same every run.  Each part runs in threads worlds of its own sizes,
-whatever ``--world-size`` and ``--backend`` say.
+are the same every run.  Each part runs in threads worlds of its own sizes (so
+there is no ``--world-size``; under ``mpiexec`` with several processes it refuses
+to run).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import os
 
 import numpy as np
 
-from .common import demo_parser
+from .common import demo_parser, threads_only
 
 B, S, H, A = 2, 16, 32, 8            # the demo layer: h and a divisible by t = 8
 MODEL = dict(seq_len=32, n_layer=2, n_head=2, d_model=32)
@@ -93,12 +94,16 @@ def precision_runs(steps: int) -> dict:
     return out
 
 
+def parser():
+    ap = demo_parser("memory", __doc__, cluster=None, world=False)
+    ap.add_argument("--steps", type=int, default=200, help="training steps per precision")
+    return ap
+
+
 def main(argv=None) -> dict:
     from .. import viz
-    ap = demo_parser("python -m simpar memory", __doc__)
-    ap.add_argument("--steps", type=int, default=200, help="training steps per precision "
-                    "(default 200)")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
+    threads_only("memory")
     rows = recompute_rows()
     assert all(r["ledger"] == r["formula"] for r in rows), "ledger differs from the formula"
     path = viz.save(viz.activation_memory(rows, B, S, H, A),

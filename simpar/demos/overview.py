@@ -87,8 +87,12 @@ def main_rank(comm: Comm) -> dict:
             "backend": comm.backend}
 
 
+def parser():
+    return demo_parser("demo", __doc__)
+
+
 def main(argv=None) -> None:
-    args = demo_parser("simpar demo", __doc__).parse_args(argv)
+    args = parser().parse_args(argv)
     cluster = sim.preset(args.cluster)
     start("simpar demo", args, MEMORY)
     results = run(main_rank, args.world_size, args.backend, cluster)

@@ -1,8 +1,8 @@
 """Pipeline parallelism demo: five schedules, checked against one device, timed on
 two clocks.
 
-    python -m simpar.demos.pipeline_parallel                # 4 devices (threads)
-    mpiexec -n 4 python -m simpar.demos.pipeline_parallel   # 4 MPI processes
+    python -m simpar pipeline                # 4 devices (threads)
+    mpiexec -n 4 python -m simpar pipeline   # 4 MPI processes
 
 1. prints the 1F1B schedule as a step × rank grid ("0F1" = stage 0, forward,
    micro-batch 1);
@@ -151,13 +151,18 @@ def main_rank(comm: Comm, m: int = 8, sweep: bool = True) -> dict:
     return out
 
 
-def main(argv=None) -> None:
-    ap = demo_parser("python -m simpar.demos.pipeline_parallel", __doc__, cluster="ideal",
+def parser():
+    ap = demo_parser("pipeline", __doc__, cluster="ideal",
                      cluster_help="simulated cluster (ideal: free links, so bubbles equal "
                                   "the formulas)")
-    ap.add_argument("--micro-batches", type=int, default=8, help="m (default 8)")
+    ap.add_argument("--micro-batches", type=int, default=8, metavar="M",
+                    help="micro-batches per step")
     ap.add_argument("--no-sweep", action="store_true", help="skip the bubble sweep over m, v")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     cluster = sim.preset(args.cluster)
     start("pipeline parallelism", args, MEMORY)
     results = run(lambda c: main_rank(c, args.micro_batches, not args.no_sweep),

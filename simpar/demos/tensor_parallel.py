@@ -1,7 +1,7 @@
 """Tensor parallelism demo: a GPT split over the devices, checked against the reference.
 
-    python -m simpar.demos.tensor_parallel                 # 4 devices in one process
-    mpiexec -n 4 python -m simpar.demos.tensor_parallel    # 4 MPI processes
+    python -m simpar tensor                 # 4 devices in one process
+    mpiexec -n 4 python -m simpar tensor    # 4 MPI processes
 
 1. cuts a 2-layer GPT (the shipped corpus' character vocabulary, 66 characters,
    not divisible by 4: the vocabulary is padded) over ``tp`` = all devices, runs one training
@@ -146,9 +146,12 @@ def print_table(errors: dict) -> None:
         print(f"   {group:18}" + "".join(f"{errors[c][group]:>12.1e}" for c in cols))
 
 
+def parser():
+    return demo_parser("tensor", __doc__)
+
+
 def main(argv=None) -> None:
-    ap = demo_parser("python -m simpar.demos.tensor_parallel", __doc__)
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     start("tensor parallelism", args, MEMORY)
     results = run(main_rank, args.world_size, args.backend, sim.preset(args.cluster))
     if process_rank() != 0:

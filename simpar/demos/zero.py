@@ -8,9 +8,8 @@ memory ledger beside ZeRO §5's formula (8-byte elements: ``p = g = 8``,
 1.5×).  Writes ``zero_memory.png`` (the shape of ZeRO's Table 1, with the
 paper's 7.5B example beside it) into ``--out``.  The numbers come from the
 ledger and the tracer's byte counts only, so the figure is the same every run.
-Each ``dp`` runs in a threads world of its own size, whatever ``--world-size`` and
-``--backend`` say (accepted so that ``python -m simpar figures`` calls every demo
-alike).
+Each ``dp`` runs in a threads world of its own size (so there is no
+``--world-size``; under ``mpiexec`` with several processes it refuses to run).
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ import os
 
 import numpy as np
 
-from .common import demo_parser
+from .common import demo_parser, threads_only
 
 DPS = (1, 2, 4, 8)
 
@@ -50,11 +49,15 @@ def measure(comm, stage: int) -> dict:
             "sent": sent, "dp_sent": 8 * formulas.dp_comm_elements(psi, comm.size)}
 
 
+def parser():
+    return demo_parser("zero", __doc__, cluster=None, world=False)
+
+
 def main(argv=None) -> list[dict]:
     import simpar
     from .. import formulas, viz
-    ap = demo_parser("python -m simpar zero", __doc__)
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
+    threads_only("zero")
     rows = []
     print(f"{'stage':>5} {'dp':>3} | {'ledger B/rank':>13} {'formula':>9} | "
           f"{'sent B/rank':>11} {'/ DP':>5}")
