@@ -57,6 +57,18 @@ def save(fig, path: str) -> str:
     return path
 
 
+def show(fig, dpi: int = 80):
+    """Show ``fig`` in a notebook as a PNG written like :func:`save` (no version
+    stamp: the same data gives the same bytes, so notebooks saved with their
+    outputs do not change when re-run) and close it."""
+    import io
+    from IPython.display import Image, display
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata=PNG_METADATA, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(data=buf.getvalue(), format="png"))
+
+
 def flatten(per_rank: list[list[Event]]) -> list[Event]:
     return [e for events in per_rank for e in events]
 
@@ -388,7 +400,7 @@ def loss_curves(curves: dict, title: str = "training loss"):
     """Loss per step of several runs on one plot (``{label: [loss, ...]}``); runs
     that train the same model on the same data lie on top of each other, so
     each gets its own marker and line style."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4) if len(curves) <= 12 else (9, 5.5))
     styles = ["-", "--", ":", "-."]
     markers = ["o", "s", "^", "v", "D", "x", "+", "*", "P", "h"]
     for i, (label, losses) in enumerate(curves.items()):

@@ -1,0 +1,225 @@
+"""The experiments that demos, notebooks and tests share: a seeded setup, one
+step of a parallel model, and what it is checked against.
+
+* :func:`corpus_batch` — a batch of the shipped corpus (``y`` is ``x`` shifted);
+* :func:`gradient_errors` — one step of the reference GPT on a dp × tp mesh
+  against the same step on one device (every parameter's relative error);
+* pipelines (GPipe, Huang et al. 2019; 1F1B, Narayanan et al. 2021; ZB-H1, Qi et
+  al. 2023): :func:`uniform_config` (stages of equal cost, so simulated bubbles
+  equal the papers' formulas), :func:`pipeline_step`, :func:`reference_grads`,
+  :func:`stage_errors`, :func:`measured_bubble`;
+* tensor parallelism (Shoeybi et al. 2019; Korthikanti et al. 2022):
+  :func:`layer_bytes_and_memory` — the bytes one layer sends and the activations
+  it saves, per tp size, from the tracer and the memory ledger;
+* recomputation (Korthikanti et al. 2022, Table 2): :func:`recompute_rows`.
+
+A demo composes these and prints; a notebook calls them and draws with
+:mod:`simpar.viz`.  Comparisons use :mod:`simpar.testing` (NaN or inf: a failure).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import testing, trace
+from .comm import Comm
+from .data import CharTokenizer, get_batch, load_corpus
+from .nn import GPT, GPTConfig
+
+
+def corpus_batch(rows: int, seq_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` random windows of the shipped corpus, and their next characters."""
+    text = load_corpus()
+    return get_batch(CharTokenizer(text).encode(text), rows, seq_len,
+                     np.random.default_rng(seed))
+
+
+def vocab_size() -> int:
+    """The shipped corpus' character vocabulary (66)."""
+    return CharTokenizer(load_corpus()).vocab_size
+
+
+# =========================================================== hybrid step
+def demo_layout(world_size: int):
+    """A mesh to show: tp=2 inside, dp over the rest (pure dp for odd sizes)."""
+    from .comm.mesh import ParallelConfig
+    tp = 2 if world_size % 2 == 0 else 1
+    return ParallelConfig(dp=world_size // tp, tp=tp)
+
+
+def gradient_errors(comm: Comm, seq_len: int = 64, per_rank: int = 2) -> dict:
+    """One step of the reference GPT on :func:`demo_layout` (tensor parallelism
+    inside, data parallelism across) vs the single-device step on the whole
+    batch: the relative error of every parameter's gradient (NaN or inf: ``inf``)."""
+    from .comm.mesh import Mesh
+    from .parallel.hybrid import build_model
+    cfg = GPTConfig(vocab_size(), seq_len, n_layer=2, n_head=4, d_model=128)
+    x, y = corpus_batch(per_rank * comm.size, seq_len)
+    with trace.untraced():                           # the single-device reference
+        ref = GPT(cfg, seed=0)
+        ref.loss(x, y)
+    # same seed: same weights everywhere; each rank keeps its shards of the layout
+    model = build_model(GPT(cfg, seed=0), Mesh(comm, demo_layout(comm.size)))
+    model.step(x, y)                                 # the global batch; grads summed over dp
+    with trace.untraced():
+        grads = model.full_state("grads")            # reference shapes, for the comparison
+    return testing.compare(grads, ref.gradients())
+
+
+# ============================================================== pipelines
+def uniform_config(n_stages: int, k: int = 2, h: int = 8, d_ff: int = 32, seq: int = 8,
+                   n_head: int = 2, min_vocab: int = 1) -> tuple[GPTConfig, list[int]]:
+    """A GPT whose ``n_stages`` stages cost the same: ``k`` blocks per stage, one
+    less on the last, which carries the LM head instead; ``vocab = 4h + 2·d_ff + 2s``
+    (padded above the tokenizer's) makes the head's ``2bsh·vocab`` FLOPs equal a
+    block's ``2bs(4h² + 2h·d_ff) + 4bs²h``.  Returns the config and layer counts."""
+    vocab = 4 * h + 2 * d_ff + 2 * seq
+    if vocab < min_vocab:
+        raise ValueError(f"uniform stages need vocab = 4h + 2 d_ff + 2 s = {vocab} >= "
+                         f"{min_vocab} tokens; make the model wider")
+    cfg = GPTConfig(vocab_size=vocab, seq_len=seq, n_layer=n_stages * k - 1, n_head=n_head,
+                    d_model=h, d_ff=d_ff)
+    return cfg, [k] * (n_stages - 1) + [k - 1]
+
+
+def corpus_batches(cfg: GPTConfig, m: int, batch: int, seed: int = 0):
+    """``m`` micro-batches of ``batch`` rows: two lists ``xs``, ``ys``."""
+    x, y = corpus_batch(m * batch, cfg.seq_len, seed)
+    return list(x.reshape(m, batch, -1)), list(y.reshape(m, batch, -1))
+
+
+def pipeline_step(comm: Comm, name: str, m: int, v: int, cfg: GPTConfig, sizes, xs, ys,
+                  dtype=np.float64, seed: int = 0):
+    """Build the model (same seed on every rank), cut it, run one step of schedule
+    ``name``; returns ``(StepResult, stages, every rank's records)``."""
+    from .parallel.pipeline import (PipelineStage, gather_records, make_schedule, partition,
+                                    run_schedule)
+    sch = make_schedule(name, comm.size, m, v)
+    model = GPT(cfg, seed=seed, dtype=dtype)
+    stages = {s: PipelineStage(model, s, sch.n_stages, r)
+              for s, r in enumerate(partition(model, sch.n_stages, sizes))
+              if sch.rank_of(s) == comm.rank}
+    comm.barrier()
+    comm.tracer.reset()                      # each step starts at 0 on the simulated clock
+    res = run_schedule(comm, sch, stages, xs, ys)
+    return res, stages, gather_records(comm, res)
+
+
+def reference_grads(cfg: GPTConfig, xs, ys, seed: int = 0):
+    """The loss and gradients of one device on all micro-batches at once."""
+    ref = GPT(cfg, seed=seed)
+    loss = ref.loss(np.concatenate(xs), np.concatenate(ys), key="ref")
+    return loss, ref.gradients()
+
+
+def stage_errors(res, stages, ref_loss, ref_grads) -> dict:
+    """Relative error of the loss (on the last stage) and of every gradient of
+    this rank's stages against the reference (NaN or inf: ``inf``)."""
+    errs = {}
+    for st in stages.values():
+        errs.update(testing.compare(st.gradients(), ref_grads))
+    if res.loss is not None:
+        errs["loss"] = testing.rel_error(res.loss, ref_loss)
+    return errs
+
+
+def max_error(res, stages, ref_loss, ref_grads) -> float:
+    """The largest of :func:`stage_errors` (``inf`` for any NaN)."""
+    return testing.worst(stage_errors(res, stages, ref_loss, ref_grads))
+
+
+def measured_bubble(name: str, records, p: int, m: int, v: int) -> tuple[float, float]:
+    """(simulated bubble fraction, the papers' formula) of one step."""
+    from .formulas import bubble_fraction
+    from .parallel.pipeline import stage_times, summarize
+    t = stage_times(records)
+    times = {k: t.get((0, k), 0.0) for k in ("F", "I", "W")}
+    return summarize(records, "sim").bubble_fraction, bubble_fraction(name, p, m, v, times)
+
+
+# ===================================================== tensor parallelism
+def _tp_group(comm: Comm, t: int) -> Comm | None:
+    """Split the world into groups of ``t`` consecutive ranks (named "tp")."""
+    groups = comm.size // t
+    color = comm.rank // t if comm.rank < groups * t else groups
+    tp = comm.split(color, comm.rank, name="tp")
+    return tp if color < groups else None
+
+
+def _one_layer(tp: Comm, module, x, dy) -> tuple[float, int]:
+    """Ring bytes of one forward + backward of ``module``, and the activation
+    bytes it saved, from the tracer and the memory ledger."""
+    from .parallel.tensor import ring_bytes
+    mark, ledger = len(tp.tracer.events), tp.tracer.memory
+    before = ledger.current.get("activations", 0)
+    module.forward(x)
+    saved = ledger.current["activations"] - before
+    module.backward(dy)
+    sent = sum(ring_bytes(e) for e in tp.tracer.events[mark:]
+               if e.category == "comm" and e.group == tp.name)
+    return sent, saved
+
+
+def layer_bytes_and_memory(comm: Comm, b: int, s: int, h: int, heads: int) -> list[dict]:
+    """For every tp size dividing the world: one layer's bytes sent (ring model)
+    and activation bytes saved, for a block (tp, tp+sp) and an MLP (Megatron,
+    naive); float64.  Rows ``{"t", "tp bytes", "tp saved", "tp+sp bytes", ...}``."""
+    from .nn import MLP, TransformerBlock
+    from .parallel.tensor import NaiveTensorParallelMLP, ParallelMLP, ParallelTransformerBlock
+    from .parallel.tensor.mappings import split_along
+    rows = []
+    rng = np.random.default_rng(7)
+    with trace.untraced():
+        block = TransformerBlock(h, heads, rng=rng)
+        mlp = MLP(h, rng=rng)
+    x = rng.standard_normal((b, s, h))
+    for t in [t for t in range(1, comm.size + 1) if comm.size % t == 0]:
+        tp = _tp_group(comm, t)
+        row = {"t": t}
+        for name, sp in (("tp", False), ("tp+sp", True)):
+            par = ParallelTransformerBlock.from_reference(block, tp, sp)
+            xl = split_along(x, 1, tp) if sp else x
+            row[f"{name} bytes"], row[f"{name} saved"] = _one_layer(tp, par, xl, xl)
+            par.finalize_grads()
+        for name, cls in (("mlp", ParallelMLP), ("naive mlp", NaiveTensorParallelMLP)):
+            row[f"{name} bytes"] = _one_layer(tp, cls.from_reference(mlp, tp), x, x)[0]
+        rows.append(row)
+    return rows
+
+
+# ========================================================= recomputation
+def layer_activation_bytes(comm: Comm, b: int, s: int, h: int, a: int, sp: bool,
+                           mode: str) -> int:
+    """Activation bytes the ledger holds after one float64 layer's forward on
+    this rank (tensor parallelism over ``comm``, recompute ``mode``)."""
+    from .nn import TransformerBlock
+    from .parallel.tensor import ParallelTransformerBlock
+    blk = TransformerBlock(h, a, 4 * h, rng=0)
+    tp = comm.split(0, comm.rank, name="tp")
+    par = ParallelTransformerBlock.from_reference(blk, tp, sp)
+    par.set_recompute(mode)
+    x = np.random.default_rng(1).standard_normal((b, s // tp.size if sp else s, h))
+    led = comm.tracer.memory
+    before = led.current.get("activations", 0)
+    par.forward(x, key=0)
+    saved = led.current["activations"] - before
+    par.clear_saved()
+    return saved
+
+
+def recompute_rows(b: int, s: int, h: int, a: int, tps=(1, 2, 4, 8)) -> list[dict]:
+    """The ledger's activation bytes of one layer beside the formula
+    (:func:`simpar.parallel.tensor.activation_elements`, 8-byte elements) for
+    every ``t``, with and without sequence parallelism, recompute none /
+    selective / full: rows ``{"t", "sp", "recompute", "ledger", "formula"}``."""
+    from .comm import launch
+    from .parallel.tensor import activation_elements
+    rows = []
+    for t in tps:
+        for sp in (False, True):
+            for mode in ("none", "selective", "full"):
+                got = launch(lambda c: layer_activation_bytes(c, b, s, h, a, sp, mode), t)[0]
+                want = 8 * activation_elements(b, s, h, a, t, sequence_parallel=sp,
+                                               recompute=mode)
+                rows.append({"t": t, "sp": sp, "recompute": mode, "ledger": got,
+                             "formula": want})
+    return rows
