@@ -11,7 +11,11 @@ step of a parallel model, and what it is checked against.
 * tensor parallelism (Shoeybi et al. 2019; Korthikanti et al. 2022):
   :func:`layer_bytes_and_memory` — the bytes one layer sends and the activations
   it saves, per tp size, from the tracer and the memory ledger;
-* recomputation (Korthikanti et al. 2022, Table 2): :func:`recompute_rows`.
+* recomputation (Korthikanti et al. 2022, Table 2): :func:`recompute_rows`;
+* experts (Switch, Fedus et al. 2021): :func:`moe_equivalence`,
+  :func:`moe_dispatch_events`, :func:`train_moe`;
+* ZeRO (Rajbhandari et al. 2020): :func:`zero_step_bytes`; context parallelism:
+  :func:`ring_attention_step`, :func:`ring_vs_ulysses_rows`.
 
 A demo composes these and prints; a notebook calls them and draws with
 :mod:`simpar.viz`.  Comparisons use :mod:`simpar.testing` (NaN or inf: a failure).
@@ -63,6 +67,179 @@ def gradient_errors(comm: Comm, seq_len: int = 64, per_rank: int = 2) -> dict:
     with trace.untraced():
         grads = model.full_state("grads")            # reference shapes, for the comparison
     return testing.compare(grads, ref.gradients())
+
+
+# ================================================================ experts
+def moe_equivalence(comm: Comm, k: int, capacity_factor, per_rank_tokens=(4, 8), h: int = 16
+                    ) -> dict:
+    """The expert-parallel MoE layer (2 experts per rank) vs the reference layer
+    (``groups = ep``) on the union of the ranks' tokens: errors of output, input
+    gradient, loss (with the auxiliary losses) and parameter gradients, worst
+    over the ranks; the layer's messages; the dropped fraction."""
+    from .nn.moe import MoE
+    from .parallel.expert import ExpertParallelMoE
+    ep, b = comm.size, per_rank_tokens[0]
+    n_experts = 2 * ep
+    rng = np.random.default_rng([k, ep])
+    ref = MoE(h, n_experts, 2 * h, k=k, capacity_factor=capacity_factor, groups=ep, rng=rng)
+    ref.init_random_(rng, std=0.3)
+    x = rng.standard_normal((ep * b, per_rank_tokens[1], h))
+    w = rng.standard_normal(x.shape)
+
+    def reference():
+        y = ref.forward(x)
+        loss = float(np.sum(w * y)) + ref.stats[0].aux_loss
+        return y, loss, ref.backward(w)
+    with trace.untraced():
+        y_ref, loss_ref, dx_ref = reference()
+    layer = ExpertParallelMoE.from_reference(ref, comm)
+    mine = slice(comm.rank * b, (comm.rank + 1) * b)
+    n0 = len(comm.tracer.events)
+    y = layer.forward(x[mine])
+    dx = layer.backward(w[mine])
+    comm_events = [(e.name, e.nbytes) for e in comm.tracer.events[n0:] if e.category == "comm"]
+    local = float(np.sum(w[mine] * y)) + layer.stats[0].aux_loss / ep
+    loss = float(comm.all_reduce(np.array([local]))[0])
+    errs = {"output": testing.rel_error(y, y_ref[mine]),
+            "input grad": testing.rel_error(dx, dx_ref[mine]),
+            "loss": testing.rel_error(loss, loss_ref),
+            "param grads": testing.worst(testing.compare(layer.gradients(), ref.gradients()))}
+    # the worst over all devices, NaN-aware (an MPI MAX reduction may drop a NaN)
+    worst = {key: testing.worst_over_ranks(comm, v) for key, v in errs.items()}
+    return {"k": k, "cf": capacity_factor, "errs": worst, "comm": comm_events,
+            "dropped": ref.stats[0].dropped_fraction, "experts": n_experts}
+
+
+def moe_dispatch_events(comm: Comm, tokens: int = 512, h: int = 256, d_ff: int = 1024) -> list:
+    """One forward and backward of a float32 MoE layer with 2 experts per device
+    (after a warm-up pass); returns this rank's events."""
+    from .nn.moe import MoE
+    from .parallel.expert import ExpertParallelMoE
+    rng = np.random.default_rng(0)
+    ref = MoE(h, 2 * comm.size, d_ff, k=2, capacity_factor=1.25, groups=comm.size,
+              rng=rng, dtype=np.float32, trace_name="moe")
+    layer = ExpertParallelMoE.from_reference(ref, comm)
+    x = np.random.default_rng(1 + comm.rank).standard_normal((tokens, h)).astype(np.float32)
+    layer.backward(layer.forward(x, key="warm-up"), key="warm-up")     # first-touch costs
+    comm.barrier()
+    comm.tracer.reset()
+    layer.backward(layer.forward(x), key=0)
+    return list(comm.tracer.events)
+
+
+def train_moe(comm: Comm, balance_coef: float, steps: int, seed: int = 0, seq_len: int = 32,
+              batch_per_rank: int = 8, d_model: int = 32) -> dict:
+    """Train an MoE GPT (every block MoE, top-1, capacity factor 1.25; Switch
+    load-balancing loss ``balance_coef``) with its experts split over ``comm``:
+    tokens per expert (summed over the ranks), dropped fraction and auxiliary
+    loss per step, from the tracer's router records."""
+    from .comm.mesh import Mesh, ParallelConfig
+    from .data import train_val_split
+    from .nn.moe_gpt import MoEGPT, MoEGPTConfig
+    from .optim import AdamW
+    from .parallel.hybrid import build_model
+    text = load_corpus()
+    tok = CharTokenizer(text)
+    ids, _ = train_val_split(tok.encode(text))
+    n_experts = 8 if 8 % comm.size == 0 else 2 * comm.size
+    cfg = MoEGPTConfig(vocab_size=tok.vocab_size, seq_len=seq_len, n_layer=2, n_head=4,
+                       d_model=d_model, n_experts=n_experts, top_k=1, capacity_factor=1.25,
+                       balance_coef=balance_coef, groups=comm.size)
+    # experts over all devices: data parallelism of degree ep, one expert group
+    model = build_model(MoEGPT(cfg, seed=seed), Mesh(comm, ParallelConfig(dp=comm.size,
+                                                                          ep=comm.size)))
+    opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = np.random.default_rng(seed)                  # the global batch, the same everywhere
+    loads, dropped, aux, losses = [], [], [], []
+    for _ in range(steps):
+        x, y = get_batch(ids, batch_per_rank * comm.size, seq_len, rng)
+        model.zero_grad()
+        losses.append(model.step(x, y)["loss"])       # each device routes its own rows
+        opt.step(model.gradients())
+        # the load statistics, as the tracer recorded them (this device's tokens)
+        recs = [e.args["moe"] for e in comm.tracer.select("compute")
+                if e.name.endswith(".moe.router.forward")]
+        comm.tracer.reset()
+        loads.append([r["routed_per_expert"] for r in recs])
+        dropped.append([r["dropped_fraction"] for r in recs])
+        aux.append([r["aux_loss"] for r in recs])
+    # tokens per expert over the whole group: sum the devices' counts
+    total = comm.all_reduce(np.array(loads, dtype=np.int64))
+    return {"loads": total, "dropped": comm.all_reduce(np.array(dropped)) / comm.size,
+            "aux": comm.all_reduce(np.array(aux)) / comm.size, "loss": losses,
+            "experts": n_experts}
+
+
+# ============================================================ ZeRO, context
+def zero_step_bytes(comm: Comm, stage: int) -> dict:
+    """One AdamW step of a small float64 GPT under ZeRO ``stage`` over
+    ``dp = comm.size``: the ledger's parameter + gradient + optimizer bytes on
+    this rank beside ZeRO §5's formula (``K = 16``), and the bytes it sent over
+    dp beside §7's ``2Ψ(N−1)/N`` (Rajbhandari et al. 2020)."""
+    from . import formulas
+    from .comm.mesh import Mesh, ParallelConfig
+    from .parallel.hybrid import build_model
+    from .parallel.tensor.accounting import ring_bytes
+    from .parallel.zero import DistributedOptimizer
+    cfg = GPTConfig(vocab_size=16, seq_len=8, n_layer=4, n_head=4, d_model=16)
+    model = build_model(GPT(cfg, seed=0), Mesh(comm, ParallelConfig(dp=comm.size)))
+    opt = DistributedOptimizer(model, stage, lr=1e-2)
+    x = np.random.default_rng(0).integers(0, 16, (8, 8))
+    comm.tracer.reset()
+    model.zero_grad()
+    model.step(x, np.roll(x, -1, 1), 1)
+    opt.clip_grad_norm(1.0)
+    opt.step()
+    led = comm.tracer.memory.current
+    psi = sum(p.size for p in model.parameters().values())
+    sent = sum(ring_bytes(e) for e in comm.tracer.events if e.category == "comm"
+               and e.group == "dp")
+    return {"stage": stage, "dp": comm.size, "psi": psi,
+            "ledger": sum(led.get(k, 0) for k in ("params", "grads", "optimizer")),
+            "formula": formulas.zero_memory_bytes(psi, comm.size, stage, k=16,
+                                                  param_bytes=8, grad_bytes=8),
+            "sent": sent, "dp_sent": 8 * formulas.dp_comm_elements(psi, comm.size)}
+
+
+def ring_attention_step(comm: Comm, balanced: bool, seq: int, width: int, tile: int
+                        ) -> tuple[list, float]:
+    """One float32 ring-attention layer (one head of ``width``) forward + backward
+    over ``comm`` (Liu et al. 2023), load-balanced chunks or the naive split:
+    this rank's events and the ``tile × tile`` score tiles it computed."""
+    from .parallel import context as C
+    rng = np.random.default_rng(comm.rank)
+    q, k, v, dy = (rng.standard_normal((1, seq // comm.size, width)).astype(np.float32)
+                   for _ in range(4))
+    comm.barrier()
+    comm.tracer.reset()
+    y, cache = C.ring_attention_forward(q, k, v, 1, comm, balanced, tile)
+    C.ring_attention_backward(dy, cache, comm)
+    tiles = sum(e.flops for e in comm.tracer.events if e.name.endswith("ring.forward")) / \
+        (4 * width * tile * tile)
+    return list(comm.tracer.events), tiles
+
+
+def ring_vs_ulysses_rows(cluster) -> list[dict]:
+    """One attention layer's forward + backward time, ring against Ulysses
+    (Jacobs et al. 2023), from the closed forms (tested equal to the simulated
+    clock), for ``h`` = 4096, 16-bit, over sequence lengths and ``cp``."""
+    from . import formulas
+    rows, h, tile = [], 4096, 128
+    for cp in (2, 4, 8, 16, 32):
+        link = cluster.link(range(cp))
+        for e in range(11, 21):
+            s = 2 ** e
+            if s % (2 * cp * tile):
+                continue
+            ring = sum(formulas.ring_attention_time(1, s, h, cp, tile, cluster.device.flops,
+                                                    link))
+            uly = sum(formulas.ulysses_attention_time(1, s, h, cp, tile, cluster.device.flops,
+                                                      link))
+            n = s // tile
+            compute = 3 * 4.0 * h * tile * tile * (n * (n + 1) // 2) / cp / cluster.device.flops
+            rows.append({"cp": cp, "s": s, "ring": ring, "ulysses": uly, "compute": compute,
+                         "link": link.name})
+    return rows
 
 
 # ============================================================== pipelines

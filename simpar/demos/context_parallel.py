@@ -24,46 +24,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
+from ..experiments import ring_attention_step, ring_vs_ulysses_rows
 from .common import demo_parser, threads_only
 
 CP, SEQ, WIDTH, TILE = 4, 16384, 128, 256
-
-
-def ring_run(comm, balanced: bool) -> tuple[list, float]:
-    """One ring-attention layer forward + backward; this rank's events, its tiles."""
-    from ..parallel import context as C
-    rng = np.random.default_rng(comm.rank)
-    q, k, v, dy = (rng.standard_normal((1, SEQ // comm.size, WIDTH)).astype(np.float32)
-                   for _ in range(4))
-    comm.barrier()
-    comm.tracer.reset()
-    y, cache = C.ring_attention_forward(q, k, v, 1, comm, balanced, TILE)
-    C.ring_attention_backward(dy, cache, comm)
-    tiles = sum(e.flops for e in comm.tracer.events if e.name.endswith("ring.forward")) / \
-        (4 * WIDTH * TILE * TILE)
-    return list(comm.tracer.events), tiles
-
-
-def ulysses_rows(cluster) -> list[dict]:
-    from .. import formulas
-    rows, h, tile = [], 4096, 128
-    for cp in (2, 4, 8, 16, 32):
-        link = cluster.link(range(cp))
-        for e in range(11, 21):
-            s = 2 ** e
-            if s % (2 * cp * tile):
-                continue
-            ring = sum(formulas.ring_attention_time(1, s, h, cp, tile, cluster.device.flops,
-                                                    link))
-            uly = sum(formulas.ulysses_attention_time(1, s, h, cp, tile, cluster.device.flops,
-                                                      link))
-            n = s // tile
-            compute = 3 * 4.0 * h * tile * tile * (n * (n + 1) // 2) / cp / cluster.device.flops
-            rows.append({"cp": cp, "s": s, "ring": ring, "ulysses": uly, "compute": compute,
-                         "link": link.name})
-    return rows
 
 
 def parser():
@@ -77,7 +41,8 @@ def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     threads_only("context")
     cluster = sim.preset(args.cluster)
-    runs = {b: simpar.launch(lambda c: ring_run(c, b), CP, cluster=cluster)
+    runs = {b: simpar.launch(lambda c: ring_attention_step(c, b, SEQ, WIDTH, TILE), CP,
+                            cluster=cluster)
             for b in (True, False)}
     tiles = {"balanced": {r: t for r, (_, t) in enumerate(runs[True])},
              "naive": {r: t for r, (_, t) in enumerate(runs[False])}}
@@ -108,7 +73,7 @@ def main(argv=None) -> dict:
     p1 = viz.save(viz.cp_ring_overlap(viz.flatten([e for e, _ in runs[True]]),
                                       viz.flatten([e for e, _ in runs[False]]), tiles, info),
                   os.path.join(out, "cp_ring_overlap.png"))
-    rows = ulysses_rows(cluster)
+    rows = ring_vs_ulysses_rows(cluster)
     print("\nring vs Ulysses, one layer's attention forward + backward, h = 4096, 16-bit, "
           f"{cluster.name}: Ulysses time / ring time (> 1: ring faster)")
     for cp in sorted({r["cp"] for r in rows}):

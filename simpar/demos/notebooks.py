@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from pathlib import Path
 
 from .figures import repository_figures
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from .. import sim, testing, trace, viz
 from .common import demo_parser, process_rank, start
 from ..comm import Comm, run

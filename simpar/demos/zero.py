@@ -15,38 +15,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
+from ..experiments import zero_step_bytes
 from .common import demo_parser, threads_only
 
 DPS = (1, 2, 4, 8)
-
-
-def measure(comm, stage: int) -> dict:
-    from .. import formulas
-    from ..comm.mesh import Mesh, ParallelConfig
-    from ..nn import GPT, GPTConfig
-    from ..parallel.hybrid import build_model
-    from ..parallel.tensor.accounting import ring_bytes
-    from ..parallel.zero import DistributedOptimizer
-    cfg = GPTConfig(vocab_size=16, seq_len=8, n_layer=4, n_head=4, d_model=16)
-    model = build_model(GPT(cfg, seed=0), Mesh(comm, ParallelConfig(dp=comm.size)))
-    opt = DistributedOptimizer(model, stage, lr=1e-2)
-    x = np.random.default_rng(0).integers(0, 16, (8, 8))
-    comm.tracer.reset()
-    model.zero_grad()
-    model.step(x, np.roll(x, -1, 1), 1)
-    opt.clip_grad_norm(1.0)
-    opt.step()
-    led = comm.tracer.memory.current
-    psi = sum(p.size for p in model.parameters().values())
-    sent = sum(ring_bytes(e) for e in comm.tracer.events if e.category == "comm"
-               and e.group == "dp")
-    return {"stage": stage, "dp": comm.size, "psi": psi,
-            "ledger": sum(led.get(k, 0) for k in ("params", "grads", "optimizer")),
-            "formula": formulas.zero_memory_bytes(psi, comm.size, stage, k=16,
-                                                  param_bytes=8, grad_bytes=8),
-            "sent": sent, "dp_sent": 8 * formulas.dp_comm_elements(psi, comm.size)}
 
 
 def parser():
@@ -63,7 +35,7 @@ def main(argv=None) -> list[dict]:
           f"{'sent B/rank':>11} {'/ DP':>5}")
     for stage in (0, 1, 2, 3):
         for dp in DPS:
-            r = simpar.launch(lambda c: measure(c, stage), dp)[0]
+            r = simpar.launch(lambda c: zero_step_bytes(c, stage), dp)[0]
             rows.append(r)
             ratio = r["sent"] / r["dp_sent"] if r["dp_sent"] else float("nan")
             print(f"{stage:>5} {dp:>3} | {r['ledger']:>13,} {r['formula']:>9,.0f} | "
