@@ -303,6 +303,11 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
     rng = np.random.default_rng(o.seed)
     start = _resume(hybrid, opt, rng, o, log)
     hist = _loop(comm, hybrid, opt, rng, train_ids, start, o, log)
+    return _result(comm, hybrid, opt, tok, start, hist, o, log)
+
+
+def _result(comm, hybrid, opt, tok, start: int, hist: dict, o: TrainOptions, log) -> dict:
+    """:func:`train`'s result, with the last step's MFU / HFU (logged)."""
     tokens = (o.steps - start) * o.batch_size * hybrid.config.seq_len
     util = utilization(comm, hybrid, o.batch_size, hist["wall"][-1], hist["sim"][-1]) \
         if hist["wall"] else {}
