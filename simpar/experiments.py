@@ -9,8 +9,9 @@ step of a parallel model, and what it is checked against.
   equal the papers' formulas), :func:`pipeline_step`, :func:`reference_grads`,
   :func:`stage_errors`, :func:`measured_bubble`;
 * tensor parallelism (Shoeybi et al. 2019; Korthikanti et al. 2022):
-  :func:`layer_bytes_and_memory` — the bytes one layer sends and the activations
-  it saves, per tp size, from the tracer and the memory ledger;
+  :func:`tensor_parallel_errors` — a GPT step against one device, per parameter
+  group; :func:`layer_bytes_and_memory` — the bytes one layer sends and the
+  activations it saves, per tp size, from the tracer and the memory ledger;
 * recomputation (Korthikanti et al. 2022, Table 2): :func:`recompute_rows`;
 * experts (Switch, Fedus et al. 2021): :func:`moe_equivalence`,
   :func:`moe_dispatch_events`, :func:`train_moe`;
@@ -314,6 +315,49 @@ def measured_bubble(name: str, records, p: int, m: int, v: int) -> tuple[float, 
 
 
 # ===================================================== tensor parallelism
+#: the tensor-parallel check's rows: (label, parameter-name parts; None: logits/loss)
+GRAD_GROUPS = (("logits", None), ("loss", None), ("embedding grads", ("wte", "wpe")),
+          ("attention grads", (".attn.",)), ("MLP grads", (".mlp.",)),
+          ("LayerNorm grads", (".ln1.", ".ln2.", "ln_f.")), ("head grads", ("lm_head.",)))
+
+
+def tensor_parallel_errors(comm: Comm, seq: int, batch: int, d_model: int, n_head: int,
+                           n_layer: int) -> tuple[dict, list]:
+    """One step of a GPT cut over ``comm`` by tensor parallelism (Megatron-LM), with
+    and without sequence parallelism, against the single-device step: the worst
+    relative error per :data:`GRAD_GROUPS` row (``{"tp": {...}, "tp+sp": {...}}``,
+    this rank's); and the traced events of the tp step."""
+    from .parallel.tensor import ParallelGPT
+    cfg = GPTConfig(vocab_size(), seq, n_layer, n_head, d_model)
+    idx, tgt = corpus_batch(batch, seq)
+    with trace.untraced():
+        ref = GPT(cfg, seed=0)
+        logits_ref = ref.forward(idx)
+        ref.clear_saved()
+        loss_ref = ref.loss(idx, tgt)
+    ref_grads = ref.gradients()
+    errors, step_events = {}, []
+    for sp in (False, True):
+        par = ParallelGPT.from_reference(ref, comm, sequence_parallel=sp)
+        logits = comm.all_gather(par.forward(idx), axis=-1)[..., :cfg.vocab_size]
+        par.clear_saved()
+        comm.barrier()
+        comm.tracer.reset()
+        loss = par.loss(idx, tgt)
+        par.finalize_grads()
+        if not sp:
+            step_events = list(comm.tracer.events)
+        grads = par.full_gradients()
+        col = {"logits": testing.rel_error(logits, logits_ref),
+               "loss": testing.rel_error(loss, loss_ref)}
+        grad_errors = testing.compare(grads, ref_grads)
+        for group, keys in GRAD_GROUPS[2:]:
+            names = [n for n in ref_grads if any(n.startswith(k) or k in n for k in keys)]
+            col[group] = testing.worst([grad_errors[n] for n in names])
+        errors["tp+sp" if sp else "tp"] = col
+    return errors, step_events
+
+
 def _tp_group(comm: Comm, t: int) -> Comm | None:
     """Split the world into groups of ``t`` consecutive ranks (named "tp")."""
     groups = comm.size // t

@@ -19,58 +19,20 @@ from __future__ import annotations
 
 import os
 
-from .. import sim, testing, trace, viz
-from .common import demo_parser, process_rank, start
+from .. import sim, testing, viz
 from ..comm import Comm, run
-from ..experiments import corpus_batch, layer_bytes_and_memory, vocab_size
-from ..nn import GPT, GPTConfig
-from ..parallel.tensor import ParallelGPT, layer_comm_elements
+from ..experiments import GRAD_GROUPS as GROUPS
+from ..experiments import layer_bytes_and_memory, tensor_parallel_errors, vocab_size
+from ..parallel.tensor import layer_comm_elements
+from .common import demo_parser, process_rank, start
 
 # the demo model: divisible by 1, 2, 3, 4 and 6 devices (hidden, heads, sequence)
 SEQ, BATCH, D_MODEL, N_HEAD, N_LAYER = 24, 4, 96, 12, 2
 MEMORY = (150e6, 8e6, 0.2e6)         # bytes: base, per device, per device² (measured)
 
-GROUPS = (("logits", None), ("loss", None), ("embedding grads", ("wte", "wpe")),
-          ("attention grads", (".attn.",)), ("MLP grads", (".mlp.",)),
-          ("LayerNorm grads", (".ln1.", ".ln2.", "ln_f.")), ("head grads", ("lm_head.",)))
-
-
-# ------------------------------------------------------------ 1. equivalence
-def equivalence(comm: Comm) -> tuple[dict, list]:
-    """Errors per group for tp and tp+sp; the traced events of the tp step."""
-    cfg = GPTConfig(vocab_size(), SEQ, N_LAYER, N_HEAD, D_MODEL)
-    idx, tgt = corpus_batch(BATCH, SEQ)
-    with trace.untraced():
-        ref = GPT(cfg, seed=0)
-        logits_ref = ref.forward(idx)
-        ref.clear_saved()
-        loss_ref = ref.loss(idx, tgt)
-    ref_grads = ref.gradients()
-    errors, step_events = {}, []
-    for sp in (False, True):
-        par = ParallelGPT.from_reference(ref, comm, sequence_parallel=sp)
-        logits = comm.all_gather(par.forward(idx), axis=-1)[..., :cfg.vocab_size]
-        par.clear_saved()
-        comm.barrier()
-        comm.tracer.reset()
-        loss = par.loss(idx, tgt)
-        par.finalize_grads()
-        if not sp:
-            step_events = list(comm.tracer.events)
-        grads = par.full_gradients()
-        col = {"logits": testing.rel_error(logits, logits_ref),
-               "loss": testing.rel_error(loss, loss_ref)}
-        grad_errors = testing.compare(grads, ref_grads)
-        for group, keys in GROUPS[2:]:
-            names = [n for n in ref_grads if any(n.startswith(k) or k in n for k in keys)]
-            col[group] = testing.worst([grad_errors[n] for n in names])
-        errors["tp+sp" if sp else "tp"] = col
-    return errors, step_events
-
-
 # ------------------------------------------------------------------ driver
 def main_rank(comm: Comm) -> dict:
-    errors, step_events = equivalence(comm)
+    errors, step_events = tensor_parallel_errors(comm, SEQ, BATCH, D_MODEL, N_HEAD, N_LAYER)
     rows = layer_bytes_and_memory(comm, BATCH, SEQ, D_MODEL, N_HEAD)
     # the worst over all ranks, NaN-aware (an MPI MAX reduction may drop a NaN)
     worst = {c: {g: testing.worst_over_ranks(comm, v) for g, v in col.items()}
