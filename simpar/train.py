@@ -15,13 +15,15 @@ validation) in 500 steps, about 12 s on one core.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from . import runtime
 from .data import CharTokenizer, get_batch, load_corpus, train_val_split
 from .optim import AdamW, clip_grad_norm
 
@@ -110,62 +112,55 @@ def train_reference(config=None, steps: int = 500, batch_size: int = 16, lr: flo
     ``config``, ``tokenizer``, ``model``, ``optimizer``.
     """
     from .nn import GPT
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got steps={steps!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size!r}")
-    if log_every < 0:
-        raise ValueError(f"log_every must be >= 0, got log_every={log_every!r}")
-
+    for name, v, low in (("steps", steps, 1), ("batch_size", batch_size, 1),
+                         ("log_every", log_every, 0)):
+        if v < low:
+            raise ValueError(f"{name} must be >= {low}, got {name}={v!r}")
     text = load_corpus(corpus)
     tok = CharTokenizer(text)
     train_ids, val_ids = train_val_split(tok.encode(text), 1.0 - val_frac)
     cfg = _resolve_config(config, tok.vocab_size)
-
     model = GPT(cfg, seed=seed, dtype=dtype)
     opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = dict(steps=steps, lr=lr, warmup=warmup, min_lr_frac=min_lr_frac)
+    with runtime.one_blas_thread_per_device():          # one device: one BLAS thread
+        hist = _reference_loop(model, opt, train_ids, batch_size, seed, grad_clip, schedule,
+                               log_every, log)
+        val_loss = evaluate(model, val_ids, batch_size, eval_batches) if eval_batches \
+            else float("nan")
+    if log_every:
+        log(f"val loss {val_loss:.4f} (ln vocab = {math.log(tok.vocab_size):.4f}) "
+            f"after {steps} steps in {hist['seconds']:.1f} s")
+    return {**hist, "initial_loss": hist["loss"][0],
+            "final_loss": float(np.mean(hist["loss"][-10:])), "val_loss": val_loss,
+            "ln_vocab": math.log(tok.vocab_size), "tokens": steps * batch_size * cfg.seq_len,
+            "config": cfg, "tokenizer": tok, "model": model, "optimizer": opt}
+
+
+def _reference_loop(model, opt, train_ids, batch_size: int, seed: int, grad_clip,
+                    schedule: dict, log_every: int, log) -> dict:
+    """The loop of :func:`train_reference`: ``loss``, ``lr``, ``grad_norm`` per
+    step and ``seconds``."""
     grads = model.gradients()
     rng = np.random.default_rng(seed)
-
-    history: list[float] = []
-    lrs: list[float] = []
-    norms: list[float] = []
+    hist: dict = {"loss": [], "lr": [], "grad_norm": []}
     t0 = time.perf_counter()
-    for step in range(steps):
-        x, y = get_batch(train_ids, batch_size, cfg.seq_len, rng)
+    for step in range(schedule["steps"]):
+        x, y = get_batch(train_ids, batch_size, model.config.seq_len, rng)
         model.zero_grad()
         loss = float(model.loss(x, y))
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {step} (lr={lr})")
-        norms.append(clip_grad_norm(grads, grad_clip) if grad_clip else float("nan"))
-        opt.lr = _lr_at(step, steps, lr, warmup, min_lr_frac)
+            raise FloatingPointError(f"loss became {loss} at step {step} (lr={schedule['lr']})")
+        hist["grad_norm"].append(clip_grad_norm(grads, grad_clip) if grad_clip else float("nan"))
+        opt.lr = _lr_at(step, **schedule)
         opt.step(grads)
-        history.append(loss)
-        lrs.append(opt.lr)
-        if log_every and (step % log_every == 0 or step == steps - 1):
+        hist["loss"].append(loss)
+        hist["lr"].append(opt.lr)
+        if log_every and (step % log_every == 0 or step == schedule["steps"] - 1):
             log(f"step {step:5d} | loss {loss:.4f} | lr {opt.lr:.2e} | "
                 f"{time.perf_counter() - t0:6.1f} s")
-    seconds = time.perf_counter() - t0
-
-    val_loss = evaluate(model, val_ids, batch_size, eval_batches) if eval_batches else float("nan")
-    if log_every:
-        log(f"val loss {val_loss:.4f} (ln vocab = {math.log(tok.vocab_size):.4f}) "
-            f"after {steps} steps in {seconds:.1f} s")
-    return {
-        "loss": history,
-        "lr": lrs,
-        "grad_norm": norms,
-        "initial_loss": history[0],
-        "final_loss": float(np.mean(history[-10:])),
-        "val_loss": val_loss,
-        "ln_vocab": math.log(tok.vocab_size),
-        "seconds": seconds,
-        "tokens": steps * batch_size * cfg.seq_len,
-        "config": cfg,
-        "tokenizer": tok,
-        "model": model,
-        "optimizer": opt,
-    }
+    hist["seconds"] = time.perf_counter() - t0
+    return hist
 
 
 def sample(model, tokenizer: CharTokenizer, prompt: str = "\n", n: int = 200,
@@ -205,6 +200,54 @@ def build_reference(vocab_size: int, seed: int = 0, dtype=np.float32, moe_expert
     return GPT(cfg, seed=seed, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class TrainOptions:
+    """Every hyper-parameter of :func:`train` (its keyword arguments but ``log``):
+    what the ranks of a run must agree on."""
+    steps: int = 500
+    batch_size: int = 16
+    micro_batches: int = 1
+    schedule: str = "1f1b"
+    sequence_parallel: bool = False
+    moe_experts: int = 0
+    moe_k: int = 1
+    lr: float = 5e-3
+    seed: int = 0
+    dtype: Any = np.float32
+    weight_decay: float = 0.0
+    warmup: int = 10
+    min_lr_frac: float = 0.1
+    grad_clip: float | None = 1.0
+    overlap: bool = False
+    bucket_bytes: int = 1 << 20
+    model: dict | None = None
+    corpus: str = "corpus"
+    log_every: int = 0
+    attention: str = "ring"
+    zero: int = 0
+    save: str | None = None
+    save_every: int = 0
+    resume: str | None = None
+    recompute: str = "none"
+    precision: str | None = None
+    loss_scaling: bool = True
+
+    @property
+    def half(self) -> bool:
+        """A 16-bit model (bf16/fp16) with float32 masters."""
+        from .nn.precision import is_half, precision_dtype
+        return self.precision is not None and is_half(precision_dtype(self.precision))
+
+    @property
+    def param_dtype(self):
+        from .nn.precision import precision_dtype
+        return precision_dtype(self.precision) if self.precision is not None else self.dtype
+
+    def lr_schedule(self) -> dict:
+        return {"steps": self.steps, "lr": self.lr, "warmup": self.warmup,
+                "min_lr_frac": self.min_lr_frac}
+
+
 def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches: int = 1,
           schedule: str = "1f1b", sequence_parallel: bool = False, moe_experts: int = 0,
           moe_k: int = 1, lr: float = 5e-3, seed: int = 0, dtype=np.float32,
@@ -218,7 +261,10 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
     """Train on ``layout`` (a :class:`~simpar.comm.mesh.ParallelConfig`): every rank of
     ``comm`` calls this.  ``batch_size`` is the **global** batch, so every layout
     trains the same model on the same data and — for a dense GPT — prints the
-    same losses as :func:`train_reference` (to rounding).  Rank 0 logs.
+    same losses as :func:`train_reference` (to rounding).  Rank 0 logs.  The ranks
+    must pass equal options (:class:`TrainOptions`): they are checked with
+    ``comm.agree`` before any other message, and ranks that differ get a
+    ``ValueError`` naming each rank's options.
 
     Returns (on every rank) ``loss`` per step, ``sim_step`` (simulated seconds per
     step), ``seconds``, ``tokens_per_s``, and ``model`` (this rank's
@@ -241,121 +287,162 @@ def train(comm, layout, *, steps: int = 500, batch_size: int = 16, micro_batches
     last step, this machine and simulated), ``skipped`` (steps skipped on overflow),
     ``loss_scale`` and ``zero_grads``: per step, the fractions of gradient elements
     that are 0 and that are below the dtype's normal range (:func:`underflow`)."""
-    from . import checkpoint
-    from .comm.mesh import Mesh
-    from .parallel.hybrid import build_model
-    from .parallel.zero import DistributedOptimizer, check_zero
-    from .nn.precision import precision_dtype, is_half
-    half = precision is not None and is_half(precision_dtype(precision))
-    if precision is not None:
-        dtype = precision_dtype(precision)
-    if half and moe_experts:
-        raise ValueError(f"precision={precision!r} with MoE layers (moe_experts={moe_experts}) "
-                         "is not supported yet: the router runs in the model dtype")
-    if half and (save or resume or (zero and precision != "bf16")):
-        raise ValueError(f"precision={precision!r} with --save/--resume, or fp16 (loss "
-                         f"scaling) with ZeRO, is not supported yet (zero={zero}, "
-                         f"save={save!r}, resume={resume!r})")
-    sharded_mp = half and zero > 0      # bf16 + ZeRO: the shards' float32 masters
-    check_zero(zero, layout, moe=bool(moe_experts), sequence_parallel=sequence_parallel,
-               overlap=overlap)
-    if layout.cp > 1 and zero:
-        raise ValueError(f"ZeRO (zero={zero}) with context parallelism (cp={layout.cp}) is not "
-                         "supported: ZeRO shards over dp, the gradients are summed over dp x cp")
-    if isinstance(save_every, bool) or not isinstance(save_every, (int, np.integer)) \
-            or save_every < 0 or (save_every and not save):
+    o = TrainOptions(steps=steps, batch_size=batch_size, micro_batches=micro_batches,
+                     schedule=schedule, sequence_parallel=sequence_parallel,
+                     moe_experts=moe_experts, moe_k=moe_k, lr=lr, seed=seed, dtype=dtype,
+                     weight_decay=weight_decay, warmup=warmup, min_lr_frac=min_lr_frac,
+                     grad_clip=grad_clip, overlap=overlap, bucket_bytes=bucket_bytes,
+                     model=model, corpus=corpus, log_every=log_every, attention=attention,
+                     zero=zero, save=save, save_every=save_every, resume=resume,
+                     recompute=recompute, precision=precision, loss_scaling=loss_scaling)
+    check_options(o, layout)
+    comm.agree("training loop", (layout, o))      # before any other message
+    log = log if comm.rank == 0 else (lambda *a, **k: None)
+    hybrid, tok, train_ids = _build(comm, layout, o)
+    opt = _optimizer(comm, hybrid, o)
+    rng = np.random.default_rng(o.seed)
+    start = _resume(hybrid, opt, rng, o, log)
+    hist = _loop(comm, hybrid, opt, rng, train_ids, start, o, log)
+    return _result(comm, hybrid, opt, tok, start, hist, o, log)
+
+
+def _result(comm, hybrid, opt, tok, start: int, hist: dict, o: TrainOptions, log) -> dict:
+    """:func:`train`'s result, with the last step's MFU / HFU (logged)."""
+    tokens = (o.steps - start) * o.batch_size * hybrid.config.seq_len
+    util = utilization(comm, hybrid, o.batch_size, hist["wall"][-1], hist["sim"][-1]) \
+        if hist["wall"] else {}
+    if util and o.log_every:
+        log(f"MFU {util['mfu_machine']:.1%} HFU {util['hfu_machine']:.1%} of this machine "
+            f"({util['core_flops'] / 1e9:.0f} GFLOP/s per device); simulated "
+            f"({comm.tracer.cluster.name}): MFU {util['mfu_sim']:.1%} HFU {util['hfu_sim']:.1%}")
+    scaled = o.half and o.zero == 0                  # MixedPrecisionOptimizer's own scaler
+    return {"loss": hist["loss"], "sim_step": hist["sim"], "seconds": hist["seconds"],
+            "tokens": tokens, "tokens_per_s": tokens / hist["seconds"], "model": hybrid,
+            "tokenizer": tok, "start_step": start, "optimizer": opt, **util,
+            "skipped": opt.scaler.skipped if scaled else 0,
+            "loss_scale": opt.loss_scale if scaled else 1.0, "zero_grads": hist["zero_grads"]}
+
+
+def check_options(o: TrainOptions, layout) -> None:
+    """Every rank's own check of :func:`train`'s options, before any message."""
+    from .parallel.zero import check_zero
+    if o.half and o.moe_experts:
+        raise ValueError(f"precision={o.precision!r} with MoE layers (moe_experts="
+                         f"{o.moe_experts}) is not supported yet: the router runs in the "
+                         "model dtype")
+    if o.half and (o.save or o.resume or (o.zero and o.precision != "bf16")):
+        raise ValueError(f"precision={o.precision!r} with --save/--resume, or fp16 (loss "
+                         f"scaling) with ZeRO, is not supported yet (zero={o.zero}, "
+                         f"save={o.save!r}, resume={o.resume!r})")
+    check_zero(o.zero, layout, moe=bool(o.moe_experts), sequence_parallel=o.sequence_parallel,
+               overlap=o.overlap)
+    if layout.cp > 1 and o.zero:
+        raise ValueError(f"ZeRO (zero={o.zero}) with context parallelism (cp={layout.cp}) is "
+                         "not supported: ZeRO shards over dp, the gradients are summed over "
+                         "dp x cp")
+    if isinstance(o.save_every, bool) or not isinstance(o.save_every, (int, np.integer)) \
+            or o.save_every < 0 or (o.save_every and not o.save):
         raise ValueError(f"save_every must be an integer >= 0 (with save=DIR), got "
-                         f"save_every={save_every!r}, save={save!r}")
-    for name, v in (("steps", steps), ("batch_size", batch_size), ("micro_batches", micro_batches)):
+                         f"save_every={o.save_every!r}, save={o.save!r}")
+    for name in ("steps", "batch_size", "micro_batches"):
+        v = getattr(o, name)
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {name}={v!r}")
-    if batch_size % (layout.dp * micro_batches):
-        raise ValueError(f"batch_size={batch_size} (global) is not divisible by dp={layout.dp} "
-                         f"x micro_batches={micro_batches} = {layout.dp * micro_batches}")
-    log = log if comm.rank == 0 else (lambda *a, **k: None)
-    text = load_corpus(corpus)
+    if o.batch_size % (layout.dp * o.micro_batches):
+        raise ValueError(f"batch_size={o.batch_size} (global) is not divisible by "
+                         f"dp={layout.dp} x micro_batches={o.micro_batches} = "
+                         f"{layout.dp * o.micro_batches}")
+
+
+def _build(comm, layout, o: TrainOptions):
+    """The corpus, the reference model cut over ``layout``: ``(hybrid, tok, train_ids)``."""
+    from .comm.mesh import Mesh
+    from .parallel.hybrid import build_model
+    text = load_corpus(o.corpus)
     tok = CharTokenizer(text)
     train_ids, _ = train_val_split(tok.encode(text), 0.9)
-    ref = build_reference(tok.vocab_size, seed, dtype, moe_experts, moe_k,
-                          groups=layout.dp * micro_batches, **(model or {}))
-    mesh = Mesh(comm, layout)
-    hybrid = build_model(ref, mesh, schedule=schedule, sequence_parallel=sequence_parallel,
-                         context_parallel=attention,
-                         overlap=overlap, bucket_bytes=bucket_bytes, recompute=recompute)
-    del ref
-    if sharded_mp:          # ZeRO over float32 masters + moments of the owned shard
+    ref = build_reference(tok.vocab_size, o.seed, o.param_dtype, o.moe_experts, o.moe_k,
+                          groups=layout.dp * o.micro_batches, **(o.model or {}))
+    hybrid = build_model(ref, Mesh(comm, layout), schedule=o.schedule,
+                         sequence_parallel=o.sequence_parallel, context_parallel=o.attention,
+                         overlap=o.overlap, bucket_bytes=o.bucket_bytes, recompute=o.recompute)
+    return hybrid, tok, train_ids
+
+
+def _optimizer(comm, hybrid, o: TrainOptions):
+    """AdamW, sharded by ZeRO stage ``o.zero``; 16-bit: over float32 masters."""
+    from .parallel.zero import DistributedOptimizer
+    if o.half and o.zero:           # bf16 + ZeRO: the shards' float32 masters + moments
         from .mixed_precision import MixedPrecisionOptimizer
         from .parallel import zero as zero_mod
         zero_mod.OPTIMIZERS.setdefault("adamw-mp", MixedPrecisionOptimizer)
-        opt = DistributedOptimizer(hybrid, zero, "adamw-mp", lr=lr, weight_decay=weight_decay,
-                                   comm=comm)
-        half = False                    # the loop below: ZeRO's clip and step
-    elif half:              # 16-bit model, float32 masters and moments, agreed overflow checks
+        return DistributedOptimizer(hybrid, o.zero, "adamw-mp", lr=o.lr,
+                                    weight_decay=o.weight_decay, comm=comm)
+    if o.half:                      # 16-bit model, float32 masters, agreed overflow checks
         from . import trace as _trace
         from .mixed_precision import MixedPrecisionOptimizer, default_scaler
         params = hybrid.parameters()
         _trace.alloc("params", sum(p.nbytes for p in params.values()))
         _trace.alloc("grads", sum(p.nbytes for p in params.values()))
-        opt = MixedPrecisionOptimizer(params, "adamw", comm=comm, lr=lr,
-                                      weight_decay=weight_decay,
-                                      scaler=default_scaler(dtype, loss_scaling))
-    else:
-        opt = DistributedOptimizer(hybrid, zero, "adamw", lr=lr, weight_decay=weight_decay)
-    rng = np.random.default_rng(seed)
-    schedule_pos = {"steps": steps, "lr": lr, "warmup": warmup, "min_lr_frac": min_lr_frac}
-    start = 0
-    if resume:
-        state = checkpoint.load(resume, hybrid, opt)
-        if state.get("lr_schedule") != schedule_pos:
-            raise ValueError(f"checkpoint {resume} was saved with learning-rate schedule "
-                             f"{state.get('lr_schedule')}, this run has {schedule_pos}")
-        start = int(state["step"])
-        rng.bit_generator.state = state["data_rng"]        # the sampler's position
-        log(f"resumed from {resume} at step {start}")
+        return MixedPrecisionOptimizer(params, "adamw", comm=comm, lr=o.lr,
+                                       weight_decay=o.weight_decay,
+                                       scaler=default_scaler(o.param_dtype, o.loss_scaling))
+    return DistributedOptimizer(hybrid, o.zero, "adamw", lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _resume(hybrid, opt, rng, o: TrainOptions, log) -> int:
+    """Load ``o.resume`` (model, optimizer, the sampler's RNG); the step to start at."""
+    if not o.resume:
+        return 0
+    from . import checkpoint
+    state = checkpoint.load(o.resume, hybrid, opt)
+    if state.get("lr_schedule") != o.lr_schedule():
+        raise ValueError(f"checkpoint {o.resume} was saved with learning-rate schedule "
+                         f"{state.get('lr_schedule')}, this run has {o.lr_schedule()}")
+    rng.bit_generator.state = state["data_rng"]        # the sampler's position
+    log(f"resumed from {o.resume} at step {state['step']}")
+    return int(state["step"])
+
+
+def _loop(comm, hybrid, opt, rng, train_ids, start: int, o: TrainOptions, log) -> dict:
+    """Steps ``start .. o.steps - 1``: losses, wall and simulated seconds per step."""
+    from . import checkpoint
+    scaled = o.half and o.zero == 0                  # MixedPrecisionOptimizer steps itself
     tracer = comm.tracer
-    losses, sims, t0 = [], [], time.perf_counter()
-    zero_grads, walls = [], []
-    for step in range(start, steps):
-        x, y = get_batch(train_ids, batch_size, hybrid.config.seq_len, rng)   # same on every rank
-        if step == steps - 1:
+    hist = {"loss": [], "sim": [], "wall": [], "zero_grads": []}
+    t0 = time.perf_counter()
+    for step in range(start, o.steps):
+        x, y = get_batch(train_ids, o.batch_size, hybrid.config.seq_len, rng)  # same everywhere
+        if step == o.steps - 1:
             tracer.reset()        # keep the last step's events only (clocks agree here)
         s0, w0 = tracer.sim_now, time.perf_counter()
         hybrid.zero_grad()
-        scale = {"loss_scale": opt.loss_scale} if half else {}
-        loss = hybrid.step(x, y, micro_batches, **scale)["loss"]
+        loss = hybrid.step(x, y, o.micro_batches,
+                           **({"loss_scale": opt.loss_scale} if scaled else {}))["loss"]
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {step} (lr={lr})")
-        opt.lr = _lr_at(step, steps, lr, warmup, min_lr_frac)
-        if precision is not None:
-            zero_grads.append(underflow(hybrid.gradients()))
-        if half:
-            opt.step(hybrid.gradients(), max_norm=grad_clip or None, norm=hybrid.grad_norm)
+            raise FloatingPointError(f"loss became {loss} at step {step} (lr={o.lr})")
+        opt.lr = _lr_at(step, o.steps, o.lr, o.warmup, o.min_lr_frac)
+        if o.precision is not None:
+            hist["zero_grads"].append(underflow(hybrid.gradients()))
+        if scaled:
+            opt.step(hybrid.gradients(), max_norm=o.grad_clip or None, norm=hybrid.grad_norm)
         else:
-            if grad_clip:
-                hybrid.clip_grad_norm(grad_clip)
+            if o.grad_clip:
+                hybrid.clip_grad_norm(o.grad_clip)
             opt.step()
-        losses.append(loss)
-        walls.append(time.perf_counter() - w0)
-        sims.append(tracer.sim_now - s0)
-        if save and ((save_every and (step + 1) % save_every == 0) or step == steps - 1):
-            checkpoint.save(save, hybrid, opt, {"step": step + 1, "lr_schedule": schedule_pos,
-                                                "data_rng": rng.bit_generator.state}, step=step + 1)
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            tps = x.size / (time.perf_counter() - w0)
-            log(f"step {step:5d} | loss {loss:.4f} | {tps:8.0f} tok/s | simulated step "
-                f"{sims[-1] * 1e3:.3f} ms ({tracer.cluster.name}) | {time.perf_counter() - t0:6.1f} s")
-    seconds = time.perf_counter() - t0
-    tokens = (steps - start) * batch_size * hybrid.config.seq_len
-    util = utilization(comm, hybrid, batch_size, walls[-1], sims[-1]) if walls else {}
-    if util and log_every:
-        log(f"MFU {util['mfu_machine']:.1%} HFU {util['hfu_machine']:.1%} of this machine "
-            f"({util['core_flops'] / 1e9:.0f} GFLOP/s per device); simulated "
-            f"({tracer.cluster.name}): MFU {util['mfu_sim']:.1%} HFU {util['hfu_sim']:.1%}")
-    return {"loss": losses, "sim_step": sims, "seconds": seconds, "tokens": tokens,
-            "tokens_per_s": tokens / seconds, "model": hybrid, "tokenizer": tok,
-            "start_step": start, "optimizer": opt, **util,
-            "skipped": opt.scaler.skipped if half else 0,
-            "loss_scale": opt.loss_scale if half else 1.0, "zero_grads": zero_grads}
+        hist["loss"].append(loss)
+        hist["wall"].append(time.perf_counter() - w0)
+        hist["sim"].append(tracer.sim_now - s0)
+        if o.save and ((o.save_every and (step + 1) % o.save_every == 0) or step == o.steps - 1):
+            checkpoint.save(o.save, hybrid, opt, {"step": step + 1, "lr_schedule": o.lr_schedule(),
+                                                  "data_rng": rng.bit_generator.state}, step=step + 1)
+        if o.log_every and (step % o.log_every == 0 or step == o.steps - 1):
+            log(f"step {step:5d} | loss {loss:.4f} | "
+                f"{x.size / (time.perf_counter() - w0):8.0f} tok/s | simulated step "
+                f"{hist['sim'][-1] * 1e3:.3f} ms ({tracer.cluster.name}) | "
+                f"{time.perf_counter() - t0:6.1f} s")
+    hist["seconds"] = time.perf_counter() - t0
+    return hist
 
 
 def underflow(grads) -> tuple[float, float]:
@@ -404,39 +491,42 @@ def utilization(comm, hybrid, batch_size: int, wall_step: float, sim_step: float
             "mfu_sim": model_flops / (sim_step * n * dev), "hfu_sim": hw_flops / (sim_step * n * dev)}
 
 
-def _parser():
-    ap = argparse.ArgumentParser(
-        prog="python -m simpar train",
-        description="Train a character-level GPT on the shipped corpus on any layout "
-                    "dp x tp x pp (x ep, x cp): threads with the layout's world size, or the "
-                    "ranks of mpiexec.")
+def parser():
+    """``python -m simpar train``'s options."""
+    from . import sim
+    from .cli import Parser
+    ap = Parser("python -m simpar train",
+                "Train a character-level GPT on the shipped corpus on any layout dp x tp x pp "
+                "(x ep, x cp): threads with the layout's world size, or the ranks of mpiexec.")
     add = ap.add_argument
-    add("--dp", type=int, default=1, help="data-parallel degree (default 1)")
-    add("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
-    add("--pp", type=int, default=1, help="pipeline stages (default 1)")
-    add("--ep", type=int, default=1, help="expert-parallel degree, divides dp (default 1)")
+    add("--dp", type=int, default=1, help="data-parallel degree")
+    add("--tp", type=int, default=1, help="tensor-parallel degree")
+    add("--pp", type=int, default=1, help="pipeline stages")
+    add("--ep", type=int, default=1, help="expert-parallel degree (divides dp)")
     add("--vpp", type=int, default=1, help="model chunks per pipeline rank (interleaved)")
     add("--cp", type=int, default=1, help="context-parallel degree: the sequence split over "
-        "cp ranks (default 1)")
+        "cp ranks")
     add("--attention", default="ring", choices=("ring", "ulysses"),
-        help="context-parallel attention with --cp > 1: ring (load-balanced ring attention, "
-        "default) or ulysses (all-to-all over heads)")
-    add("--schedule", default=None, help="pipeline schedule: naive, gpipe, 1f1b, "
-        "interleaved, zb-h1 (default 1f1b; interleaved when --vpp > 1)")
-    add("--micro-batches", type=int, default=1, help="micro-batches per step (default 1)")
+        help="context-parallel attention with --cp > 1: ring (load-balanced ring attention) "
+        "or ulysses (all-to-all over heads)")
+    add("--schedule", default=None, choices=("naive", "gpipe", "1f1b", "interleaved", "zb-h1"),
+        help="pipeline schedule (None: 1f1b, or interleaved when --vpp > 1)")
+    add("--micro-batches", type=int, default=1, metavar="M", help="micro-batches per step")
     add("--sequence-parallel", action="store_true", help="sequence parallelism inside tp")
-    add("--moe-experts", type=int, default=0, help="MoE layers with this many experts (0: dense)")
-    add("--moe-k", type=int, default=1, help="experts per token (top-k, default 1)")
+    add("--moe-experts", type=int, default=0, metavar="E",
+        help="MoE layers with this many experts (0: dense)")
+    add("--moe-k", type=int, default=1, metavar="K", help="experts per token (top-k)")
     add("--overlap", action="store_true", help="overlap gradient all-reduces with backward")
-    add("--bucket-bytes", type=int, default=1 << 20, help="gradient bucket size (default 1 MiB)")
-    add("--steps", type=int, default=500, help="training steps (default 500)")
-    add("--batch-size", type=int, default=16, help="GLOBAL batch size (default 16)")
-    add("--lr", type=float, default=5e-3, help="peak learning rate (default 5e-3)")
-    add("--seed", type=int, default=0, help="model and data seed (default 0)")
-    add("--log-every", type=int, default=25, help="print every N steps (default 25)")
-    add("--float64", action="store_true", help="train in float64 (default float32)")
-    add("--cluster", default="a100", help="simulated cluster preset (default a100)")
-    add("--out", default="out", help="folder for the loss curve and timeline (default ./out)")
+    add("--bucket-bytes", type=int, default=1 << 20, metavar="B", help="gradient bucket size")
+    add("--steps", type=int, default=500, help="training steps")
+    add("--batch-size", type=int, default=16, help="GLOBAL batch size (all replicas)")
+    add("--lr", type=float, default=5e-3, help="peak learning rate")
+    add("--seed", type=int, default=0, help="model and data seed")
+    add("--log-every", type=int, default=25, metavar="N", help="print every N steps")
+    add("--float64", action="store_true", help="train in float64 (else float32)")
+    add("--cluster", default="a100", choices=sorted(sim.PRESETS),
+        help="simulated cluster preset for the simulated clock")
+    add("--out", default="out", help="folder for the loss curve and timeline (git-ignored)")
     add("--zero", type=int, default=0, choices=(0, 1, 2, 3),
         help="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters")
     add("--save", default=None, metavar="DIR", help="write sharded checkpoints into DIR")
@@ -446,10 +536,10 @@ def _parser():
         "(any layout, any ZeRO stage)")
     add("--recompute", default="none", choices=("none", "selective", "full"),
         help="activation recomputation: selective recomputes attention's softmax, full "
-        "each layer's forward, in backward (default none)")
+        "each layer's forward, in backward")
     add("--precision", default=None, choices=("fp32", "bf16", "fp16"),
         help="16-bit model (bf16 or fp16) with float32 master weights and Adam state; fp16 "
-        "uses dynamic loss scaling (default: fp32, or fp64 with --float64)")
+        "uses dynamic loss scaling (None: fp32, or fp64 with --float64)")
     add("--no-loss-scaling", action="store_true", help="fp16 without loss scaling (to see "
         "gradients underflow)")
     return ap
@@ -459,7 +549,7 @@ def main(argv=None) -> dict:
     from . import sim, viz
     from .comm import launch, launcher_size, run
     from .comm.mesh import ParallelConfig
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     layout = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp,
                             cp=args.cp)
     schedule = args.schedule or ("interleaved" if args.vpp > 1 else "1f1b")

@@ -1,19 +1,25 @@
 """Every picture simpar draws, in one place.
 
 * **timelines** of traced events, one row per rank, on the wall clock of this
-  machine and the simulated clock of a cluster: :func:`timeline`,
-  :func:`draw_timeline`, :func:`collective_timeline`;
+  machine and the simulated clock of a cluster: :func:`timeline`, :func:`timelines`,
+  :func:`draw_timeline`, :func:`collective_timeline`, :func:`stream_timelines`
+  (compute and communication streams);
 * **pipeline steps** from the executor's action records (boxes coloured by
-  micro-batch, hatched by kind): :func:`draw_pipeline`, :func:`pipeline_schedules`,
-  :func:`pipeline_timeline`, :func:`pipeline_bubble`;
+  micro-batch, hatched by kind): :func:`draw_pipeline`, :func:`pipeline_panels`,
+  :func:`pipeline_schedules`, :func:`pipeline_timeline`, :func:`pipeline_bubble`,
+  :func:`bubble_tradeoff`;
 * **tensor parallelism**: bytes per layer (:func:`tp_comm_volume`) and saved
   activations (:func:`tp_memory`) against the formulas;
-* **expert parallelism**: tokens per expert while training (:func:`expert_load`);
+* **expert parallelism**: tokens per expert while training (:func:`expert_load`,
+  :func:`expert_share`);
+* **memory**: :func:`memory_breakdown`, :func:`activation_memory`, :func:`zero_memory`,
+  :func:`mixed_precision_loss`;
 * **context parallelism**: ring attention's overlap and load balance
   (:func:`cp_ring_overlap`), ring against Ulysses (:func:`cp_ring_vs_ulysses`).
 
 Every function returns a matplotlib figure (or draws into an ``ax``); the demos
-only compute and print.  :func:`save` writes a PNG without a timestamp or
+and notebooks only compute, print and call these; :func:`show` displays a figure
+in a notebook as a byte-stable PNG.  :func:`save` writes a PNG without a timestamp or
 version stamp, so a figure drawn from the same data (the simulated clock, the
 tracer's bytes, the memory ledger) is byte-identical run to run.
 
@@ -55,6 +61,18 @@ def save(fig, path: str) -> str:
     fig.savefig(path, dpi=110, metadata=PNG_METADATA)
     plt.close(fig)
     return path
+
+
+def show(fig, dpi: int = 80):
+    """Show ``fig`` in a notebook as a PNG written like :func:`save` (no version
+    stamp: the same data gives the same bytes, so notebooks saved with their
+    outputs do not change when re-run) and close it."""
+    import io
+    from IPython.display import Image, display
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata=PNG_METADATA, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(data=buf.getvalue(), format="png"))
 
 
 def flatten(per_rank: list[list[Event]]) -> list[Event]:
@@ -128,6 +146,47 @@ def collective_timeline(events: list[Event], title: str, labels: dict | None = N
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
+
+
+def stream_timelines(panels: dict, unit: float = 1e6, unit_name: str = "µs"):
+    """Simulated-clock timelines with two lanes per rank — the compute stream
+    (compute, and idle while it waits) and the communication stream, where
+    non-blocking collectives (``iall_reduce``) run — one panel per run
+    (``{title: events}``); backward regions hatched."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 0.9 + 1.8 * len(panels)),
+                             sharex=True, squeeze=False)
+    for ax, (title, events) in zip(axes[:, 0], panels.items()):
+        ranks = sorted({e.rank for e in events})
+        for e in events:
+            if e.sim_end <= e.sim_start:
+                continue
+            lane = 2 * e.rank + (1 if e.category == "comm" else 0)
+            ax.broken_barh([(e.sim_start * unit, (e.sim_end - e.sim_start) * unit)],
+                           (lane - 0.4, 0.8), facecolors=COLORS.get(e.category, "black"),
+                           hatch="///" if e.name.endswith("backward") else "",
+                           edgecolor="white", lw=0.3)
+        ax.set_yticks([2 * r + k for r in ranks for k in (0, 1)],
+                      [f"rank {r} {lane}" for r in ranks for lane in ("compute", "comm")])
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+    axes[-1, 0].set_xlabel(f"simulated time ({unit_name})")
+    handles = [Patch(facecolor=c, label=k) for k, c in COLORS.items()]
+    handles.append(Patch(facecolor=COLORS["compute"], hatch="///", edgecolor="white",
+                         label="backward"))
+    fig.legend(handles=handles, loc="upper right", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
+
+
+def timelines(panels: dict, clock: str = "sim"):
+    """One :func:`draw_timeline` per panel (``{title: events}``) on ``clock``."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 0.8 + 3.6 * len(panels)),
+                             squeeze=False)
+    for ax, (title, events) in zip(axes[:, 0], panels.items()):
+        draw_timeline(ax, events, clock, title)
+    _category_legend(fig)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    return fig
 
 # ============================================================ pipeline steps
 KIND_STYLE = {"F": dict(hatch="", alpha=1.0), "B": dict(hatch="///", alpha=0.75),
@@ -228,6 +287,44 @@ def pipeline_timeline(records, title: str = "1F1B step"):
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     return fig
 
+
+
+def pipeline_panels(panels: dict, clock: str = "sim"):
+    """One pipeline step per panel (``{title: every rank's records}``), stacked on
+    one time axis; boxes coloured by micro-batch, hatched by kind."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 0.6 + 2.0 * len(panels)),
+                             sharex=True, squeeze=False)
+    for ax, (title, records) in zip(axes[:, 0], panels.items()):
+        draw_pipeline(ax, records, clock, title)
+    fig.legend(handles=pipeline_legend(), loc="upper right", ncol=4, fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1, 0.93 if len(panels) == 1 else 0.96))
+    return fig
+
+
+def bubble_tradeoff(points: dict, interleaved: list, p: int, m: int):
+    """Left: each schedule's bubble against the micro-batches rank 0 holds
+    (``points``: ``{name: (peak held, bubble)}``).  Right: interleaved 1F1B's
+    bubble over ``m`` for several ``v`` (``interleaved``: rows ``(v, m, schedule
+    simulator's bubble)``), markers, on Narayanan et al.'s formula, lines."""
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 3.6))
+    for name, (held, bubble) in points.items():
+        ax0.scatter(held, bubble, s=60, label=name)
+    ax0.set_xlabel("micro-batches held by rank 0 (peak)")
+    ax0.set_ylabel("bubble fraction")
+    ax0.set_title(f"p={p}, m={m}")
+    ax0.legend()
+    for i, v in enumerate(sorted({v for v, _, _ in interleaved})):
+        ms = [mm for vv, mm, _ in interleaved if vv == v]
+        ax1.plot(ms, [b for vv, _, b in interleaved if vv == v], "o", color=f"C{i}",
+                 label=f"v={v} (schedule simulator)")
+        ax1.plot(ms, [formulas.bubble_fraction("interleaved", p, mm, v) for mm in ms], "-",
+                 color=f"C{i}", alpha=0.5)
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("m")
+    ax1.set_title("bubble (lines: formula)")
+    ax1.legend()
+    fig.tight_layout()
+    return fig
 
 # (schedule, v) -> label, colour, marker, line style; distinct markers and
 # dashes so that curves that coincide (1F1B and ZB-H1 at large m) stay visible.
@@ -384,11 +481,28 @@ def expert_load(runs: dict, layer: int = 0):
     return fig
 
 
+
+def expert_share(runs: dict):
+    """Share of the tokens each expert of layer 0 is routed per step, one panel
+    per run (``{alpha: (loads, final loss)}``, ``loads``: steps × layers ×
+    experts), titled with the max/mean load over the last half (:func:`load_ratio`)."""
+    fig, axes = plt.subplots(1, len(runs), figsize=(12, 3.5), sharey=True, squeeze=False)
+    for ax, (alpha, (loads, loss)) in zip(axes[0], runs.items()):
+        loads = np.asarray(loads, dtype=float)
+        share = loads[:, 0] / loads[:, 0].sum(-1, keepdims=True)
+        ax.stackplot(np.arange(len(loads)), share.T)
+        ax.set_title(f"α = {alpha}: max/mean load {load_ratio(loads):.2f} (last half), "
+                     f"loss {loss:.2f}", fontsize=10)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("share of tokens per expert (layer 0)")
+    fig.tight_layout()
+    return fig
+
 def loss_curves(curves: dict, title: str = "training loss"):
     """Loss per step of several runs on one plot (``{label: [loss, ...]}``); runs
     that train the same model on the same data lie on top of each other, so
     each gets its own marker and line style."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4) if len(curves) <= 12 else (9, 5.5))
     styles = ["-", "--", ":", "-."]
     markers = ["o", "s", "^", "v", "D", "x", "+", "*", "P", "h"]
     for i, (label, losses) in enumerate(curves.items()):
@@ -573,6 +687,29 @@ def activation_memory(rows: list[dict], b: int, s: int, h: int, a: int):
     fig.tight_layout()
     return fig
 
+
+
+MEMORY_COLORS = {"weights": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868",
+                 "activations": "#C44E52"}
+
+
+def memory_breakdown(cases: dict, capacity: float, capacity_label: str, xlabel: str):
+    """Bytes per device of several set-ups as stacked bars (``{label: {"weights",
+    "gradients", "optimizer", "activations": bytes}}``, drawn in GB on a log axis)
+    against the device's memory (``capacity`` bytes, a dashed line)."""
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    left = np.zeros(len(cases))
+    for kind, color in MEMORY_COLORS.items():
+        vals = np.array([c[kind] / 1e9 for c in cases.values()])
+        ax.barh(list(cases), vals, left=left, color=color, label=kind)
+        left += vals
+    ax.axvline(capacity / 1e9, color="k", ls="--", lw=1, label=capacity_label)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.invert_yaxis()
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 def mixed_precision_loss(curves: dict, below: dict, title: str):
     """Left: the loss per step of float32, bfloat16 and float16 runs (same model,

@@ -67,3 +67,47 @@ def test_command_line_mpi_prints_the_threads_losses(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     printed = [float(x) for x in re.findall(r"\| loss (\d+\.\d+) \|", res.stdout)]
     assert printed == [round(x, 4) for x in threads], res.stdout
+
+
+def _disagree(comm, **per_rank):
+    """train() on dp=2 where each rank passes its own value of some options."""
+    mine = {k: v[comm.rank] for k, v in per_rank.items()}
+    return train(comm, ParallelConfig(dp=2), model=MODEL, **{**SMALL, **mine})
+
+
+@pytest.mark.parametrize("options,shown", [
+    ({"warmup": (2, 3)}, ("warmup=2", "warmup=3")),
+    ({"grad_clip": (1.0, None)}, ("grad_clip=1.0", "grad_clip=None")),
+    ({"lr": (5e-3, 5e-3), "seed": (0, 1)}, ("seed=0", "seed=1")),
+])
+def test_ranks_that_disagree_on_options_get_one_error_naming_each_value(options, shown):
+    with pytest.raises(ValueError, match="training loop") as exc:
+        simpar.launch(lambda comm: _disagree(comm, **options), 2, timeout=60)
+    text = str(exc.value)
+    assert "rank 0" in text and "rank 1" in text
+    for value in shown:
+        assert value in text
+
+
+def test_ranks_that_agree_train_normally():
+    # negative control for the test above: the same options per rank train
+    out = simpar.launch(lambda comm: _disagree(comm, warmup=(2, 2)), 2, timeout=60)
+    assert out[0]["loss"] == out[1]["loss"] and len(out[0]["loss"]) == SMALL["steps"]
+
+
+DISAGREE_MPI = """
+import numpy as np, simpar
+from simpar.comm.mesh import ParallelConfig
+from simpar.train import train
+simpar.run(lambda c: train(c, ParallelConfig(dp=2), steps=2, batch_size=4, warmup=2 + c.rank,
+                           model=dict(seq_len=16, n_layer=1, n_head=2, d_model=16)))
+"""
+
+
+@pytest.mark.mpi
+def test_mpi_ranks_that_disagree_on_options_fail_with_each_value():
+    res = run_mpi(2, "-c", DISAGREE_MPI, timeout=120)
+    assert res.returncode != 0
+    assert "training loop" in res.stderr and "warmup=2" in res.stderr \
+        and "warmup=3" in res.stderr, res.stderr
+    assert res.stderr.count("Traceback") == 1, res.stderr          # one report per job

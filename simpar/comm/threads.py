@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -41,7 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import sim, trace
+from .. import runtime, sim, trace
 from .base import Comm, DeadlockError, WorldAborted, watchdog_seconds
 
 _REDUCE = {"sum": np.add, "max": np.maximum, "min": np.minimum}
@@ -346,24 +345,22 @@ def launch(fn: Callable[[Comm], Any], world_size: int = 4,
     """Run ``fn(comm)`` on ``world_size`` threads, one per rank; return the results.
 
     If a rank raises, the others are released and the first error is re-raised
-    with a note naming its rank.  A deadlock raises :class:`DeadlockError` at
-    once, listing what each rank waits for (see the module docstring).
-    ``timeout`` (seconds, default :func:`default_timeout`, ``math.inf`` for
-    none) turns a run that never ends into a ``TimeoutError`` naming what each
-    rank is doing; ``watchdog`` (default ``SIMPAR_WATCHDOG_S``, 60 s) limits a
-    single wait.
+    (once: the traceback shows it) with a note naming its rank.  A deadlock
+    raises :class:`DeadlockError` at once, listing what each rank waits for
+    (see the module docstring).  ``timeout`` (seconds, default
+    :func:`default_timeout`, ``math.inf`` for none) turns a run that never ends
+    into a ``TimeoutError`` naming what each rank is doing; ``watchdog``
+    (default ``SIMPAR_WATCHDOG_S``, 60 s) limits a single wait.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) \
             or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-    if timeout is None:
-        timeout = default_timeout()
     world = _World(world_size, watchdog)
     group = _Group(world, world_size, range(world_size))
     results: list[Any] = [None] * world_size
     errors: list[tuple[int, BaseException]] = []
 
-    def run(rank: int) -> None:
+    def rank_main(rank: int) -> None:
         tracer = trace.Tracer(rank, cluster)
         trace.activate(tracer)
         comm = ThreadComm(group, rank, range(world_size), tracer, check=check)
@@ -378,51 +375,64 @@ def launch(fn: Callable[[Comm], Any], world_size: int = 4,
             world.finish(rank, failed)
             trace.activate(None)
 
-    threads = [threading.Thread(target=run, args=(r,), name=f"simpar-rank{r}", daemon=True)
-               for r in range(world_size)]
-    for t in threads:
-        t.start()
+    threads = [threading.Thread(target=rank_main, args=(r,), name=f"simpar-rank{r}",
+                                daemon=True) for r in range(world_size)]
+    with runtime.one_blas_thread_per_device():      # each device thread on its own core
+        for t in threads:
+            t.start()
+        left_behind = _wait_for_ranks(world, errors, default_timeout() if timeout is None
+                                      else timeout)
+    real = [(r, e) for r, e in errors if not isinstance(e, WorldAborted)] or errors
+    if real:
+        raise _annotated(*real[0], world_size, left_behind)
+    return results
+
+
+def _wait_for_ranks(world: _World, errors: list, timeout: float) -> list[int]:
+    """Wait until every rank has finished or failed; returns the ranks left
+    behind (still computing after an abort).  Raises ``TimeoutError`` after
+    ``timeout`` seconds, naming what each rank is doing."""
     deadline = time.monotonic() + timeout
-    left_behind: list[int] = []
     with world.lock:
         aborted_at = None
         while True:
             running = [r for r, st in enumerate(world.state) if st not in ("finished", "failed")]
             if not running:
-                break
+                return []
             now = time.monotonic()
             if world.aborted:
                 # a rank that never calls into simpar again cannot be released: give
                 # it a moment, then report without it (its thread is left behind)
                 aborted_at = now if aborted_at is None else aborted_at
                 if now - aborted_at > _GRACE_SECONDS and errors:
-                    left_behind = running
-                    break
+                    return running
             if now >= deadline:
                 states = world.describe_locked()
                 world._abort_locked()
-                raise TimeoutError(f"simpar.launch: ranks {running} of {world_size} did not "
+                raise TimeoutError(f"simpar.launch: ranks {running} of {world.size} did not "
                                    f"finish within {timeout:g} s: {states}")
             wait = deadline - now
             if world.aborted:
                 wait = min(wait, _GRACE_SECONDS / 4)
             world.ended.wait(min(wait, 3600.0))
-    real = [(r, e) for r, e in errors if not isinstance(e, WorldAborted)] or errors
-    if real:
-        rank, exc = real[0]
-        if isinstance(exc, DeadlockError):
-            note = f"detected in a {world_size}-rank simpar.launch world"
-        else:
-            note = f"raised on rank {rank} of a {world_size}-rank simpar.launch world"
-        if hasattr(exc, "add_note"):
-            exc.add_note(note)
-        else:                                   # Python 3.10
-            exc.__notes__ = [*getattr(exc, "__notes__", []), note]
-        exc.simpar_rank = rank
-        if left_behind:
-            more = (f"ranks {left_behind} were still computing (never called into simpar "
-                    "again) and were left running in the background")
-            exc.add_note(more) if hasattr(exc, "add_note") else exc.__notes__.append(more)
-        print(f"simpar.launch: {note}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        raise exc
-    return results
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:                                   # Python 3.10
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+
+
+def _annotated(rank: int, exc: BaseException, world_size: int,
+               left_behind: list[int]) -> BaseException:
+    """``exc`` with notes naming the failing rank (and ranks left running)."""
+    if isinstance(exc, DeadlockError):
+        _add_note(exc, f"detected in a {world_size}-rank simpar.launch world")
+    else:
+        _add_note(exc, f"raised on rank {rank} of a {world_size}-rank simpar.launch world")
+    exc.simpar_rank = rank
+    if left_behind:
+        _add_note(exc, f"ranks {left_behind} were still computing (never called into simpar "
+                       "again) and were left running in the background")
+    return exc

@@ -15,20 +15,42 @@ THREADS_DEFAULT = 4          # devices in the threads world when --world-size is
 _LAUNCHER_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
 
-def demo_parser(prog: str, doc: str, cluster: str = "a100",
-                cluster_help: str = "simulated cluster for the simulated clock") -> argparse.ArgumentParser:
-    """``--world-size``, ``--backend``, ``--cluster`` and ``--out``; add your own."""
-    ap = argparse.ArgumentParser(prog=prog, description=doc,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world-size", type=int, default=None,
-                    help=f"devices in the threads world (default {THREADS_DEFAULT}; "
-                         "under mpiexec: -n)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "threads", "mpi"])
-    ap.add_argument("--cluster", default=cluster, choices=sorted(sim.PRESETS),
-                    help=f"{cluster_help} (default {cluster})")
+def demo_parser(command: str, doc: str, cluster: str | None = "a100",
+                cluster_help: str = "simulated cluster for the simulated clock",
+                world: bool = True) -> argparse.ArgumentParser:
+    """The parser of ``python -m simpar <command>``: ``--out``, and ``--world-size``
+    and ``--backend`` (``world``: the demo runs on a world the user chooses) and
+    ``--cluster`` (unless ``cluster`` is None); add your own."""
+    from ..cli import Parser
+    ap = Parser(f"python -m simpar {command}", doc)
+    if world:
+        ap.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help=f"devices in the threads world ({THREADS_DEFAULT} when not given; "
+                             "under mpiexec: mpiexec's -n)")
+        ap.add_argument("--backend", default="auto", choices=["auto", "threads", "mpi"],
+                        help="auto: MPI under mpiexec with several processes, else threads")
+    else:
+        why = f"python -m simpar {command} starts threads worlds of its own sizes"
+        ap.not_here.update({"--world-size": why, "--backend": why})
+    if cluster is not None:
+        ap.add_argument("--cluster", default=cluster, choices=sorted(sim.PRESETS),
+                        help=cluster_help)
+    else:
+        ap.not_here["--cluster"] = f"python -m simpar {command} does not use a simulated clock"
     ap.add_argument("--out", default=DEFAULT_OUT,
-                    help=f"folder for figures and traces (default ./{DEFAULT_OUT}, git-ignored)")
+                    help="folder for figures and traces (git-ignored)")
     return ap
+
+
+def threads_only(command: str) -> None:
+    """For a demo that starts its own threads worlds (of the sizes it shows):
+    refuse to run under ``mpiexec`` with several processes, where every process
+    would run the whole demo."""
+    if launcher_size() > 1:
+        if process_rank() == 0:
+            print(f"error: python -m simpar {command} runs its own threads worlds (one "
+                  "process); run it without mpiexec", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 def process_rank() -> int:

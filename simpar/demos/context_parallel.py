@@ -4,7 +4,7 @@
    load-balanced chunks).  ``cp`` = 4 ranks (threads) run one ring-attention layer
    forward and backward on a float32 sequence of 16 384 tokens (one 128-wide
    head: the compute-to-transfer ratio of a block does not depend on the width)
-   on the A100 preset: each K/V transfer of ``2·(s/cp)·h`` floats travels while a
+   on the ``--cluster`` preset (default A100): each K/V transfer of ``2·(s/cp)·h`` floats travels while a
    block of ``(s/2cp)²`` scores is computed, and stays hidden.  The same layer
    with the naive contiguous split shows the causal imbalance: rank 0 has almost
    nothing to do and idles, rank 3 computes ``1 + 2(cp−1)n/(n+1)`` times as many
@@ -12,68 +12,37 @@
 2. **Ring against Ulysses** (Jacobs et al. 2023).  The closed forms of
    :mod:`simpar.formulas` (tested equal to the simulated clock of both layers) give
    one attention layer's forward + backward for ``h`` = 4096 (32 heads), 16-bit,
-   against sequence length and ``cp`` on the A100 preset (NVLink inside a node of
-   8, InfiniBand HDR across).  Writes ``cp_ring_vs_ulysses.png``.
+   against sequence length and ``cp`` on the chosen preset (A100: NVLink inside a
+   node of 8, InfiniBand HDR across).  Writes ``cp_ring_vs_ulysses.png``.
 
 Both figures come from the simulated clock, the tracer's FLOPs and the formulas
-only: the same bytes every run.  The demo runs its own 4-rank threads world
-whatever ``--world-size`` and ``--backend`` say (accepted so that
-``python -m simpar figures`` calls every demo alike).
+only: the same bytes every run.  The demo runs its own 4-rank threads world (so
+there is no ``--world-size``; under ``mpiexec`` with several processes it refuses
+to run).
 """
 from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from .common import demo_parser
+from ..experiments import ring_attention_step, ring_vs_ulysses_rows
+from .common import demo_parser, threads_only
 
 CP, SEQ, WIDTH, TILE = 4, 16384, 128, 256
 
 
-def ring_run(comm, balanced: bool) -> tuple[list, float]:
-    """One ring-attention layer forward + backward; this rank's events, its tiles."""
-    from ..parallel import context as C
-    rng = np.random.default_rng(comm.rank)
-    q, k, v, dy = (rng.standard_normal((1, SEQ // comm.size, WIDTH)).astype(np.float32)
-                   for _ in range(4))
-    comm.barrier()
-    comm.tracer.reset()
-    y, cache = C.ring_attention_forward(q, k, v, 1, comm, balanced, TILE)
-    C.ring_attention_backward(dy, cache, comm)
-    tiles = sum(e.flops for e in comm.tracer.events if e.name.endswith("ring.forward")) / \
-        (4 * WIDTH * TILE * TILE)
-    return list(comm.tracer.events), tiles
-
-
-def ulysses_rows(cluster) -> list[dict]:
-    from .. import formulas
-    rows, h, tile = [], 4096, 128
-    for cp in (2, 4, 8, 16, 32):
-        link = cluster.link(range(cp))
-        for e in range(11, 21):
-            s = 2 ** e
-            if s % (2 * cp * tile):
-                continue
-            ring = sum(formulas.ring_attention_time(1, s, h, cp, tile, cluster.device.flops,
-                                                    link))
-            uly = sum(formulas.ulysses_attention_time(1, s, h, cp, tile, cluster.device.flops,
-                                                      link))
-            n = s // tile
-            compute = 3 * 4.0 * h * tile * tile * (n * (n + 1) // 2) / cp / cluster.device.flops
-            rows.append({"cp": cp, "s": s, "ring": ring, "ulysses": uly, "compute": compute,
-                         "link": link.name})
-    return rows
+def parser():
+    return demo_parser("context", __doc__, world=False)
 
 
 def main(argv=None) -> dict:
     import simpar
     from .. import formulas, sim, viz
     from ..parallel.context import ring_overlap
-    ap = demo_parser("python -m simpar context", __doc__)
-    args = ap.parse_args(argv)
-    cluster = sim.a100_cluster()
-    runs = {b: simpar.launch(lambda c: ring_run(c, b), CP, cluster=cluster)
+    args = parser().parse_args(argv)
+    threads_only("context")
+    cluster = sim.preset(args.cluster)
+    runs = {b: simpar.launch(lambda c: ring_attention_step(c, b, SEQ, WIDTH, TILE), CP,
+                            cluster=cluster)
             for b in (True, False)}
     tiles = {"balanced": {r: t for r, (_, t) in enumerate(runs[True])},
              "naive": {r: t for r, (_, t) in enumerate(runs[False])}}
@@ -82,7 +51,7 @@ def main(argv=None) -> dict:
     tiles["naive_formula"] = {r: formulas.ring_attention_tiles(SEQ, CP, r, TILE, False)
                               for r in range(CP)}
     print(f"ring attention, cp = {CP}, s = {SEQ}, one {WIDTH}-wide head, float32, tiles "
-          f"{TILE}x{TILE}, {cluster.name} (NVLink) — simulated clock")
+          f"{TILE}x{TILE}, {cluster.name} ({cluster.intra.name}) — simulated clock")
     print(f"{'rank':>4} | {'tiles naive':>11} {'balanced':>9} | {'step naive µs':>13} "
           f"{'balanced':>9} | {'K/V msgs':>8} {'hidden':>7}")
     summary = {}
@@ -104,7 +73,7 @@ def main(argv=None) -> dict:
     p1 = viz.save(viz.cp_ring_overlap(viz.flatten([e for e, _ in runs[True]]),
                                       viz.flatten([e for e, _ in runs[False]]), tiles, info),
                   os.path.join(out, "cp_ring_overlap.png"))
-    rows = ulysses_rows(cluster)
+    rows = ring_vs_ulysses_rows(cluster)
     print("\nring vs Ulysses, one layer's attention forward + backward, h = 4096, 16-bit, "
           f"{cluster.name}: Ulysses time / ring time (> 1: ring faster)")
     for cp in sorted({r["cp"] for r in rows}):

@@ -1,6 +1,6 @@
 """Regenerate the committed figures: ``python -m simpar figures``.
 
-Runs every demo on a 4-device threads world and writes its figures into the
+Runs every demo (those that take a world: on 4 threads) and writes its figures into the
 repository's ``figures/`` folder (``--out DIR`` chooses another; ``--only NAME ...``
 draws only some).  This is the only command that writes into ``figures/``: the
 demos themselves write into ``./out`` unless told otherwise.
@@ -11,7 +11,6 @@ show this machine's wall clock, which differs every run.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -37,6 +36,8 @@ FIGURES = {
     "cp_ring_overlap.png": "context_parallel",
     "cp_ring_vs_ulysses.png": "context_parallel",
 }
+# the demos that run on a world of the user's choice (the others start their own)
+WORLD_DEMOS = ("overview", "tensor_parallel", "pipeline_parallel", "expert_parallel")
 # drawn only from the simulated clock, the tracer's byte counts, the memory
 # ledger or a seeded training run: the same bytes every run
 DETERMINISTIC = ("tp_comm_volume.png", "tp_memory.png", "pp_schedules.png", "pp_bubble.png",
@@ -62,7 +63,8 @@ def draw(names, out: Path, quiet: bool = True) -> list[Path]:
             module = importlib.import_module(f"simpar.demos.{demo}")
             sink = io.StringIO() if quiet else None
             with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
-                module.main(["--world-size", "4", "--backend", "threads", "--out", tmp])
+                world = ["--world-size", "4", "--backend", "threads"] if demo in WORLD_DEMOS else []
+                module.main(world + ["--out", tmp])
             for n in names:
                 if FIGURES[n] == demo:
                     shutil.copyfile(os.path.join(tmp, n), out / n)
@@ -71,13 +73,18 @@ def draw(names, out: Path, quiet: bool = True) -> list[Path]:
     return written
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m simpar figures", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    from ..cli import Parser
+    ap = Parser("python -m simpar figures", __doc__)
     ap.add_argument("--out", default=None,
-                    help="folder to write into (default: the repository's figures/)")
+                    help="folder to write into (None: the repository's figures/)")
     ap.add_argument("--only", nargs="+", choices=sorted(FIGURES), metavar="NAME",
                     help="draw only these figures: " + ", ".join(FIGURES))
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = parser()
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else repository_figures()
     if out is None:

@@ -1,6 +1,6 @@
 """Hybrid parallelism: every layout trains the same model (``figures/hybrid_loss.png``).
 
-    python -m simpar.demos.hybrid [--steps 40] [--out DIR]
+    python -m simpar hybrid [--steps 40] [--out DIR]
 
 Trains the default GPT of :mod:`simpar.train` (with 4 layers, so that interleaved
 pp2 × vpp2 has a layer per stage) on the shipped corpus for ``--steps`` steps, in
@@ -8,14 +8,16 @@ float64, on each layout of the issue's equivalence list — dp2, dp4, tp2×dp2, 
 tp2×pp2, dp2×tp2×pp2, tp2 + sequence parallelism × pp2, interleaved vpp2 pp2×dp2,
 and tied embeddings with pp2 — and on one device.  Every layout takes the same
 global batch at every step, so its losses equal the one-device run's to rounding (the
-tied run is another model: it is compared with a tied one-device run).  Prints the
+tied run is another model: it is compared with a tied one-device run) — and on four
+MoE layouts (4 experts, top-2: ep2 over dp2, ep2 inside dp4, tp2 × ep2, pp2 × ep2),
+each compared with one device routing its tokens in the same groups.  Prints the
 largest relative difference per layout and draws every loss curve on one plot
 (:func:`simpar.viz.loss_curves`).
 
-Each layout runs in a threads world of its own size (2, 4 or 8 devices), whatever
-``--world-size`` and ``--backend`` say (they are accepted so that
-``python -m simpar figures`` can call every demo alike).  The figure comes from
-seeded runs on the threads backend, so it is the same bytes every run.
+Each layout runs in a threads world of its own size (2, 4 or 8 devices), so there
+is no ``--world-size`` (under ``mpiexec`` with several processes it refuses to run).
+The figure comes from seeded runs on the threads backend, so it is the same bytes
+every run.
 """
 from __future__ import annotations
 
@@ -26,13 +28,15 @@ import numpy as np
 from .. import viz
 from ..comm import launch
 from ..comm.mesh import ParallelConfig as P
-from ..testing import rel_error
+from ..testing import rel_error, worst
 from ..train import train, train_reference
-from .common import demo_parser, process_rank
+from .common import demo_parser, threads_only
 
 FIGURE = "hybrid_loss.png"
 MODEL = dict(n_layer=4)                 # DEFAULT_MODEL with a layer for each of 4 stages
 BATCH = 16                              # the global batch of every layout
+
+MOE = {"moe_experts": 4, "moe_k": 2}     # the MoE layouts: 4 experts, top-2 routing
 
 #: (label, layout, train options); "tied" runs use tie_weights=True
 LAYOUTS = [
@@ -46,42 +50,65 @@ LAYOUTS = [
     ("interleaved vpp2 pp2 × dp2 (m=4)", P(dp=2, pp=2, vpp=2),
      {"micro_batches": 4, "schedule": "interleaved"}),
     ("tied pp2 (m=4)", P(pp=2), {"micro_batches": 4, "tied": True}),
+    ("MoE ep2 (dp2)", P(dp=2, ep=2), MOE),
+    ("MoE ep2 in dp4", P(dp=4, ep=2), MOE),
+    ("MoE tp2 × ep2 (dp2)", P(dp=2, tp=2, ep=2), MOE),
+    ("MoE pp2 × ep2 (dp2, m=4)", P(dp=2, pp=2, ep=2), {**MOE, "micro_batches": 4}),
 ]
+
+
+def reference_losses(steps: int, dtype, tied: bool = False, moe: dict | None = None,
+                     groups: int = 1) -> list[float]:
+    """The one-device run of a layout's model: the dense GPT (:func:`train_reference`)
+    or the MoE GPT routed in ``groups`` groups (as a layout with ``dp·m = groups``
+    routes: one device with ``groups`` micro-batches)."""
+    if not moe:
+        return train_reference({**MODEL, "tie_weights": tied}, steps=steps, batch_size=BATCH,
+                               dtype=dtype, log_every=0, eval_batches=0)["loss"]
+    return launch(lambda comm: train(comm, P(), model=MODEL, steps=steps, batch_size=BATCH,
+                                     dtype=dtype, micro_batches=groups, **moe)["loss"], 1)[0]
 
 
 def run_layouts(steps: int = 40, dtype=np.float64, layouts=LAYOUTS) -> dict:
     """``{"curves": {label: losses}, "errors": {label: max relative difference vs the
     one-device run of the same model}}``; curves include the one-device runs."""
-    common = dict(steps=steps, batch_size=BATCH, dtype=dtype)
-    refs = {tied: train_reference({**MODEL, "tie_weights": tied}, log_every=0, eval_batches=0,
-                                  **common)["loss"] for tied in (False, True)}
-    curves = {"1 device": refs[False], "1 device, tied embeddings": refs[True]}
-    errors = {}
+    refs, curves, errors = {}, {}, {}
     for label, layout, options in layouts:
         options = dict(options)
         tied = options.pop("tied", False)
+        moe = {k: options[k] for k in MOE if k in options}
+        groups = layout.dp * options.get("micro_batches", 1) if moe else 1
+        key = ("1 device, tied embeddings" if tied else
+               f"1 device, MoE in {groups} routing groups" if moe else "1 device")
+        if key not in refs:
+            refs[key] = curves[key] = reference_losses(steps, dtype, tied, moe, groups)
         model = {**MODEL, "tie_weights": tied}
-        losses = launch(lambda comm: train(comm, layout, model=model, **common, **options)["loss"],
+        losses = launch(lambda comm: train(comm, layout, model=model, steps=steps,
+                                           batch_size=BATCH, dtype=dtype, **options)["loss"],
                         layout.world_size)[0]
         curves[label] = losses
-        errors[label] = rel_error(losses, refs[tied])
+        errors[label] = rel_error(losses, refs[key])
     return {"curves": curves, "errors": errors}
 
 
 def figure(curves: dict, errors: dict, steps: int):
-    worst = max(errors.values())
-    return viz.loss_curves(curves, f"{len(errors)} layouts, same global batch, {steps} steps: "
-                                   f"every loss within {worst:.0e} of one device")
+    return viz.loss_curves(curves, f"{len(errors)} layouts (dense and MoE), same global "
+                                   f"batch, {steps} steps: every loss within "
+                                   f"{worst(errors):.0e} of its one-device run")
+
+
+def parser():
+    ap = demo_parser("hybrid", __doc__, cluster=None, world=False)
+    ap.add_argument("--steps", type=int, default=40, help="training steps per layout")
+    return ap
 
 
 def main(argv=None) -> None:
-    ap = demo_parser("python -m simpar.demos.hybrid", __doc__)
-    ap.add_argument("--steps", type=int, default=40, help="training steps per layout (default 40)")
+    ap = parser()
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps must be at least 1, got {args.steps}")
-    if process_rank() != 0:
-        return
+    threads_only("hybrid")
     out = run_layouts(args.steps)
     print(f"hybrid layouts: the default GPT with {MODEL['n_layer']} layers, float64, global "
           f"batch {BATCH}, {args.steps} AdamW steps with clipping; threads worlds\n")

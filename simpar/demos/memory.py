@@ -14,8 +14,9 @@
    fraction of gradients below float16's normal range → ``mixed_precision_loss.png``.
 
 Every number comes from the ledger or from seeded threads runs, so the figures
-are the same every run.  Each part runs in threads worlds of its own sizes,
-whatever ``--world-size`` and ``--backend`` say.
+are the same every run.  Each part runs in threads worlds of its own sizes (so
+there is no ``--world-size``; under ``mpiexec`` with several processes it refuses
+to run).
 """
 from __future__ import annotations
 
@@ -23,48 +24,21 @@ import os
 
 import numpy as np
 
-from .common import demo_parser
+from ..experiments import recompute_rows
+from .common import demo_parser, threads_only
 
 B, S, H, A = 2, 16, 32, 8            # the demo layer: h and a divisible by t = 8
 MODEL = dict(seq_len=32, n_layer=2, n_head=2, d_model=32)
 
 
-def layer_bytes(comm, sp: bool, mode: str) -> int:
-    """Activation bytes the ledger holds after one layer's forward on this rank."""
-    from ..nn import TransformerBlock
-    from ..parallel.tensor import ParallelTransformerBlock
-    blk = TransformerBlock(H, A, 4 * H, rng=0)
-    tp = comm.split(0, comm.rank, name="tp")
-    par = ParallelTransformerBlock.from_reference(blk, tp, sp)
-    par.set_recompute(mode)
-    x = np.random.default_rng(1).standard_normal((B, S // tp.size if sp else S, H))
-    led = comm.tracer.memory
-    before = led.current.get("activations", 0)
-    par.forward(x, key=0)
-    saved = led.current["activations"] - before
-    par.clear_saved()
-    return saved
-
-
-def recompute_rows() -> list[dict]:
-    import simpar
-    from ..parallel.tensor import activation_elements
-    rows = []
+def print_recompute(rows: list[dict]) -> None:
     print(f"activation bytes per layer per device (b={B} s={S} h={H} a={A}, float64): "
           "ledger / formula")
     print(f"{'t':>3} {'SP':>3} | {'none':>15} {'selective':>15} {'full':>13}")
-    for t in (1, 2, 4, 8):
-        for sp in (False, True):
-            cells = []
-            for mode in ("none", "selective", "full"):
-                got = simpar.launch(lambda c: layer_bytes(c, sp, mode), t)[0]
-                want = 8 * activation_elements(B, S, H, A, t, sequence_parallel=sp,
-                                               recompute=mode)
-                rows.append({"t": t, "sp": sp, "recompute": mode, "ledger": got,
-                             "formula": want})
-                cells.append(f"{got:>6} / {want:<6}")
-            print(f"{t:>3} {'yes' if sp else 'no':>3} | " + " ".join(cells))
-    return rows
+    for i in range(0, len(rows), 3):
+        r = rows[i]
+        print(f"{r['t']:>3} {'yes' if r['sp'] else 'no':>3} | " +
+              " ".join(f"{c['ledger']:>6} / {c['formula']:<6}" for c in rows[i:i + 3]))
 
 
 def precision_runs(steps: int) -> dict:
@@ -93,21 +67,27 @@ def precision_runs(steps: int) -> dict:
     return out
 
 
+def parser():
+    ap = demo_parser("memory", __doc__, cluster=None, world=False)
+    ap.add_argument("--steps", type=int, default=200, help="training steps per precision")
+    return ap
+
+
 def main(argv=None) -> dict:
-    from .. import viz
-    ap = demo_parser("python -m simpar memory", __doc__)
-    ap.add_argument("--steps", type=int, default=200, help="training steps per precision "
-                    "(default 200)")
-    args = ap.parse_args(argv)
-    rows = recompute_rows()
-    assert all(r["ledger"] == r["formula"] for r in rows), "ledger differs from the formula"
+    from .. import testing, viz
+    args = parser().parse_args(argv)
+    threads_only("memory")
+    rows = recompute_rows(B, S, H, A)
+    print_recompute(rows)
+    if any(r["ledger"] != r["formula"] for r in rows):
+        raise SystemExit("error: the ledger differs from the formula")
     path = viz.save(viz.activation_memory(rows, B, S, H, A),
                     os.path.join(args.out, "activation_memory.png"))
     print(f"wrote {path}")
     runs = precision_runs(args.steps)
     ref = np.mean(runs["fp32"]["loss"][-10:])
-    worst = max(abs(np.mean(r["loss"][-10:]) - ref) / ref
-                for k, r in runs.items() if k != "fp16, no loss scaling")
+    worst = testing.worst([testing.rel_error(np.mean(r["loss"][-10:]), ref)
+                           for k, r in runs.items() if k != "fp16, no loss scaling"])
     path = viz.save(viz.mixed_precision_loss(
         {k: r["loss"] for k, r in runs.items()},
         {k: [z + s for z, s in r["zero_grads"]] for k, r in runs.items()},

@@ -19,47 +19,12 @@ import numpy as np
 
 from .. import sim, testing, trace, viz
 from ..comm import Comm, run
-from ..comm.mesh import Mesh, ParallelConfig
-from ..data import CharTokenizer, get_batch, load_corpus
-from ..nn import GPT, GPTConfig
-from ..parallel.hybrid import build_model
+from ..experiments import demo_layout, gradient_errors
 from .common import demo_parser, process_rank, start
 
 # memory model (bytes): base, per device, per device² — every device also
 # computes the single-device reference on the whole batch (measured: 1.7 GB at 16)
 MEMORY = (150e6, 5e6, 6.5e6)
-
-
-def demo_config(world_size: int) -> ParallelConfig:
-    """A mesh to show: tp=2 inside, dp over the rest (pure dp for odd sizes)."""
-    tp = 2 if world_size % 2 == 0 else 1
-    return ParallelConfig(dp=world_size // tp, tp=tp)
-
-
-def gradient_errors(comm: Comm, seq_len: int = 64, per_rank: int = 2) -> dict:
-    """One step of the reference GPT on the printed mesh (:func:`demo_config`:
-    tensor parallelism inside, data parallelism across) vs the single-device
-    step on the whole batch: the relative error of every parameter's gradient
-    (NaN or inf: ``inf``)."""
-    text = load_corpus()
-    tok = CharTokenizer(text)
-    ids = tok.encode(text)
-    cfg = GPTConfig(tok.vocab_size, seq_len, n_layer=2, n_head=4, d_model=128)
-    x, y = get_batch(ids, per_rank * comm.size, seq_len, np.random.default_rng(0))
-    with trace.untraced():                           # the single-device reference
-        ref = GPT(cfg, seed=0)
-        ref.loss(x, y)
-    # same seed: same weights everywhere; each rank keeps its shards of the layout
-    model = build_model(GPT(cfg, seed=0), Mesh(comm, demo_config(comm.size)))
-    model.step(x, y)                                 # the global batch; grads summed over dp
-    with trace.untraced():
-        grads = model.full_state("grads")            # reference shapes, for the comparison
-    return testing.compare(grads, ref.gradients())
-
-
-def reference_step(comm: Comm, seq_len: int = 64, per_rank: int = 2) -> float:
-    """The largest of :func:`gradient_errors` on this rank (``inf`` for any NaN)."""
-    return testing.worst(gradient_errors(comm, seq_len, per_rank))
 
 
 def collective_benchmark(comm: Comm, sizes=(4 << 10, 64 << 10, 1 << 20), reps: int = 5) -> list:
@@ -78,7 +43,7 @@ def collective_benchmark(comm: Comm, sizes=(4 << 10, 64 << 10, 1 << 20), reps: i
 
 
 def main_rank(comm: Comm) -> dict:
-    cfg = demo_config(comm.size)
+    cfg = demo_layout(comm.size)
     err = testing.worst_over_ranks(comm, gradient_errors(comm))   # NaN-aware, every rank
     step_events = list(comm.tracer.events)           # the timeline shows the step
     bench = collective_benchmark(comm)
@@ -87,8 +52,12 @@ def main_rank(comm: Comm) -> dict:
             "backend": comm.backend}
 
 
+def parser():
+    return demo_parser("demo", __doc__)
+
+
 def main(argv=None) -> None:
-    args = demo_parser("simpar demo", __doc__).parse_args(argv)
+    args = parser().parse_args(argv)
     cluster = sim.preset(args.cluster)
     start("simpar demo", args, MEMORY)
     results = run(main_rank, args.world_size, args.backend, cluster)

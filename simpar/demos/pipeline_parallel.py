@@ -1,8 +1,8 @@
 """Pipeline parallelism demo: five schedules, checked against one device, timed on
 two clocks.
 
-    python -m simpar.demos.pipeline_parallel                # 4 devices (threads)
-    mpiexec -n 4 python -m simpar.demos.pipeline_parallel   # 4 MPI processes
+    python -m simpar pipeline                # 4 devices (threads)
+    mpiexec -n 4 python -m simpar pipeline   # 4 MPI processes
 
 1. prints the 1F1B schedule as a step × rank grid ("0F1" = stage 0, forward,
    micro-batch 1);
@@ -27,90 +27,21 @@ import os
 import numpy as np
 
 from .. import sim, testing, viz
-from ..formulas import bubble_fraction as bubble_formula
-from .common import demo_parser, process_rank, progress, start
 from ..comm import Comm, run
-from ..data import CharTokenizer, get_batch, load_corpus
-from ..nn import GPT, GPTConfig
-from ..parallel.pipeline import (PipelineStage, format_schedule, gather_records,
-                                 make_schedule, partition, run_schedule, stage_times, summarize)
+from ..experiments import (corpus_batches, measured_bubble, pipeline_step, reference_grads,
+                           stage_errors, uniform_config, vocab_size)
+from ..formulas import bubble_fraction as bubble_formula
+from ..parallel.pipeline import format_schedule, make_schedule, summarize
+from .common import demo_parser, process_rank, progress, start
 
 SCHEDULE_V = {"naive": 1, "gpipe": 1, "1f1b": 1, "interleaved": 2, "zb-h1": 1}
 MEMORY = (150e6, 3e6, 2.7e6)        # bytes: base, per device, per device² (measured)
 
 
-# ------------------------------------------------------------------ building blocks
-def uniform_config(n_stages: int, k: int = 2, h: int = 8, d_ff: int = 32, seq: int = 8,
-                   n_head: int = 2, min_vocab: int = 1) -> tuple[GPTConfig, list[int]]:
-    """A GPT whose ``n_stages`` stages cost the same: ``k`` blocks per stage, one
-    less on the last, which carries the LM head instead; ``vocab = 4h + 2·d_ff + 2s``
-    (padded above the tokenizer's) makes the head's ``2bsh·vocab`` FLOPs equal a
-    block's ``2bs(4h² + 2h·d_ff) + 4bs²h``.  Returns the config and layer counts."""
-    vocab = 4 * h + 2 * d_ff + 2 * seq
-    if vocab < min_vocab:
-        raise ValueError(f"uniform stages need vocab = 4h + 2 d_ff + 2 s = {vocab} >= "
-                         f"{min_vocab} tokens; make the model wider")
-    cfg = GPTConfig(vocab_size=vocab, seq_len=seq, n_layer=n_stages * k - 1, n_head=n_head,
-                    d_model=h, d_ff=d_ff)
-    return cfg, [k] * (n_stages - 1) + [k - 1]
-
-
-def pipeline_step(comm: Comm, name: str, m: int, v: int, cfg: GPTConfig, sizes, xs, ys,
-                  dtype=np.float64, seed: int = 0):
-    """Build the model (same seed on every rank), cut it, run one step of schedule
-    ``name``; returns ``(StepResult, stages, every rank's records)``."""
-    sch = make_schedule(name, comm.size, m, v)
-    model = GPT(cfg, seed=seed, dtype=dtype)
-    stages = {s: PipelineStage(model, s, sch.n_stages, r)
-              for s, r in enumerate(partition(model, sch.n_stages, sizes))
-              if sch.rank_of(s) == comm.rank}
-    comm.barrier()
-    comm.tracer.reset()                      # each step starts at 0 on the simulated clock
-    res = run_schedule(comm, sch, stages, xs, ys)
-    return res, stages, gather_records(comm, res)
-
-
-def reference_grads(cfg: GPTConfig, xs, ys, seed: int = 0):
-    ref = GPT(cfg, seed=seed)
-    loss = ref.loss(np.concatenate(xs), np.concatenate(ys), key="ref")
-    return loss, ref.gradients()
-
-
-def stage_errors(res, stages, ref_loss, ref_grads) -> dict:
-    """Relative error of the loss (on the last stage) and of every gradient of
-    this rank's stages against the reference (NaN or inf: ``inf``)."""
-    errs = {}
-    for st in stages.values():
-        errs.update(testing.compare(st.gradients(), ref_grads))
-    if res.loss is not None:
-        errs["loss"] = testing.rel_error(res.loss, ref_loss)
-    return errs
-
-
-def max_error(res, stages, ref_loss, ref_grads) -> float:
-    """The largest of :func:`stage_errors` (``inf`` for any NaN)."""
-    return testing.worst(stage_errors(res, stages, ref_loss, ref_grads))
-
-
-def corpus_batches(cfg: GPTConfig, m: int, batch: int, seed: int = 0):
-    text = load_corpus()
-    ids = CharTokenizer(text).encode(text)
-    x, y = get_batch(ids, m * batch, cfg.seq_len, np.random.default_rng(seed))
-    return list(x.reshape(m, batch, -1)), list(y.reshape(m, batch, -1))
-
-
-def measured_fraction(name: str, records, p: int, m: int, v: int) -> tuple[float, float]:
-    """(simulated bubble fraction, formula) of one step."""
-    s = summarize(records, "sim")
-    t = stage_times(records)
-    times = {k: t.get((0, k), 0.0) for k in ("F", "I", "W")}
-    return s.bubble_fraction, bubble_formula(name, p, m, v, times)
-
-
 # ---------------------------------------------------------------------- the demo
 def main_rank(comm: Comm, m: int = 8, sweep: bool = True) -> dict:
     p = comm.size
-    vocab = CharTokenizer(load_corpus()).vocab_size
+    vocab = vocab_size()
     out = {"backend": comm.backend, "rows": [], "records": {}, "sweep": []}
     progress(comm, f"running one step of each of the {len(SCHEDULE_V)} schedules ...")
     for name, v in SCHEDULE_V.items():
@@ -121,7 +52,7 @@ def main_rank(comm: Comm, m: int = 8, sweep: bool = True) -> dict:
         ref_loss, ref_grads = reference_grads(cfg, xs, ys)
         res, stages, recs = pipeline_step(comm, name, mm, v, cfg, sizes, xs, ys)
         err = testing.worst_over_ranks(comm, stage_errors(res, stages, ref_loss, ref_grads))
-        sim_f, formula = measured_fraction(name, recs, p, mm, v)
+        sim_f, formula = measured_bubble(name, recs, p, mm, v)
         wall_f = summarize(recs, "wall").bubble_fraction
         peaks = comm.gather_objects(res.peak_in_flight)
         out["rows"].append((name, mm, v, err, sim_f, formula, wall_f, peaks))
@@ -137,7 +68,7 @@ def main_rank(comm: Comm, m: int = 8, sweep: bool = True) -> dict:
                     continue
                 xs, ys = corpus_batches(cfg, mm, batch=1)
                 res, _, recs = pipeline_step(comm, name, mm, v, cfg, sizes, xs, ys)
-                sim_f, formula = measured_fraction(name, recs, p, mm, v)
+                sim_f, formula = measured_bubble(name, recs, p, mm, v)
                 peak = max(comm.gather_objects(res.peak_in_flight))
                 out["sweep"].append((name, v, mm, sim_f, formula, peak))
     progress(comm, "timing a float32 1F1B step on the wall clock ...\n")
@@ -151,13 +82,18 @@ def main_rank(comm: Comm, m: int = 8, sweep: bool = True) -> dict:
     return out
 
 
-def main(argv=None) -> None:
-    ap = demo_parser("python -m simpar.demos.pipeline_parallel", __doc__, cluster="ideal",
+def parser():
+    ap = demo_parser("pipeline", __doc__, cluster="ideal",
                      cluster_help="simulated cluster (ideal: free links, so bubbles equal "
                                   "the formulas)")
-    ap.add_argument("--micro-batches", type=int, default=8, help="m (default 8)")
+    ap.add_argument("--micro-batches", type=int, default=8, metavar="M",
+                    help="micro-batches per step")
     ap.add_argument("--no-sweep", action="store_true", help="skip the bubble sweep over m, v")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     cluster = sim.preset(args.cluster)
     start("pipeline parallelism", args, MEMORY)
     results = run(lambda c: main_rank(c, args.micro_batches, not args.no_sweep),

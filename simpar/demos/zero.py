@@ -8,59 +8,34 @@ memory ledger beside ZeRO §5's formula (8-byte elements: ``p = g = 8``,
 1.5×).  Writes ``zero_memory.png`` (the shape of ZeRO's Table 1, with the
 paper's 7.5B example beside it) into ``--out``.  The numbers come from the
 ledger and the tracer's byte counts only, so the figure is the same every run.
-Each ``dp`` runs in a threads world of its own size, whatever ``--world-size`` and
-``--backend`` say (accepted so that ``python -m simpar figures`` calls every demo
-alike).
+Each ``dp`` runs in a threads world of its own size (so there is no
+``--world-size``; under ``mpiexec`` with several processes it refuses to run).
 """
 from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from .common import demo_parser
+from ..experiments import zero_step_bytes
+from .common import demo_parser, threads_only
 
 DPS = (1, 2, 4, 8)
 
 
-def measure(comm, stage: int) -> dict:
-    from .. import formulas
-    from ..comm.mesh import Mesh, ParallelConfig
-    from ..nn import GPT, GPTConfig
-    from ..parallel.hybrid import build_model
-    from ..parallel.tensor.accounting import ring_bytes
-    from ..parallel.zero import DistributedOptimizer
-    cfg = GPTConfig(vocab_size=16, seq_len=8, n_layer=4, n_head=4, d_model=16)
-    model = build_model(GPT(cfg, seed=0), Mesh(comm, ParallelConfig(dp=comm.size)))
-    opt = DistributedOptimizer(model, stage, lr=1e-2)
-    x = np.random.default_rng(0).integers(0, 16, (8, 8))
-    comm.tracer.reset()
-    model.zero_grad()
-    model.step(x, np.roll(x, -1, 1), 1)
-    opt.clip_grad_norm(1.0)
-    opt.step()
-    led = comm.tracer.memory.current
-    psi = sum(p.size for p in model.parameters().values())
-    sent = sum(ring_bytes(e) for e in comm.tracer.events if e.category == "comm"
-               and e.group == "dp")
-    return {"stage": stage, "dp": comm.size, "psi": psi,
-            "ledger": sum(led.get(k, 0) for k in ("params", "grads", "optimizer")),
-            "formula": formulas.zero_memory_bytes(psi, comm.size, stage, k=16,
-                                                  param_bytes=8, grad_bytes=8),
-            "sent": sent, "dp_sent": 8 * formulas.dp_comm_elements(psi, comm.size)}
+def parser():
+    return demo_parser("zero", __doc__, cluster=None, world=False)
 
 
 def main(argv=None) -> list[dict]:
     import simpar
     from .. import formulas, viz
-    ap = demo_parser("python -m simpar zero", __doc__)
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
+    threads_only("zero")
     rows = []
     print(f"{'stage':>5} {'dp':>3} | {'ledger B/rank':>13} {'formula':>9} | "
           f"{'sent B/rank':>11} {'/ DP':>5}")
     for stage in (0, 1, 2, 3):
         for dp in DPS:
-            r = simpar.launch(lambda c: measure(c, stage), dp)[0]
+            r = simpar.launch(lambda c: zero_step_bytes(c, stage), dp)[0]
             rows.append(r)
             ratio = r["sent"] / r["dp_sent"] if r["dp_sent"] else float("nan")
             print(f"{stage:>5} {dp:>3} | {r['ledger']:>13,} {r['formula']:>9,.0f} | "

@@ -1,5 +1,6 @@
 """Where the demos write, what they say before they run, and the one command that
 regenerates the committed figures."""
+import hashlib
 import os
 import re
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from simpar import cli
 from simpar.demos import common, expert_parallel, figures
 from tests.mpi_util import ROOT, run_mpi
 
@@ -19,26 +21,59 @@ def _simpar(*args, timeout=240, cwd=ROOT):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _status() -> set:
-    """``git status`` lines of files a demo could write (figures, traces, any new
-    file); edits to source files by someone working in the tree are left out."""
+def _snapshot() -> dict:
+    """Every path ``git status`` reports (new, deleted or modified, tracked or
+    not), with a hash of its content: a demo that writes a new file, changes a
+    tracked one (a committed figure) or changes a file someone is editing shows."""
     out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    return {ln for ln in out.splitlines() if not ln.endswith((".py", ".md", ".ipynb", ".cfg"))}
+    snap = {}
+    for line in out.splitlines():
+        path = ROOT / line[3:].split(" -> ")[-1].strip('"')
+        snap[line[3:]] = hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() \
+            else line[:2]
+    return snap
 
 
-@pytest.mark.timeout(900)
+#: every command with cheap options, as a user would type it (default --out)
+COMMANDS = (["demo"], ["tensor"], ["pipeline", "--no-sweep"], ["expert", "--steps", "2"],
+            ["train", "--steps", "3"], ["zero"], ["memory", "--steps", "2"], ["context"],
+            ["hybrid", "--steps", "1"])
+
+
+@pytest.mark.timeout(1200)
 def test_demos_with_default_options_leave_the_tree_clean():
     if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
         pytest.skip("not a git checkout")
-    before = _status()
-    for args in (["demo"], ["tensor"], ["pipeline", "--no-sweep"], ["expert", "--steps", "2"],
-                 ["train", "--steps", "3"]):
+    assert {args[0] for args in COMMANDS} == set(cli.COMMANDS) - {"figures", "notebooks"}
+    before = _snapshot()
+    for args in COMMANDS:
         res = _simpar(*args)
         assert res.returncode == 0, res.stdout + res.stderr
         assert re.search(rf"\b{common.DEFAULT_OUT}(/|\b)", res.stdout), res.stdout  # says where
-    assert _status() == before
+        assert _snapshot() == before, args
     assert (ROOT / common.DEFAULT_OUT / "demo_timeline.png").exists()
+
+
+def test_snapshot_sees_new_and_changed_files():
+    # negative control for the test above: a new file and a changed tracked file show
+    if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    before = _snapshot()
+    new = ROOT / "figures" / "negative-control.tmp"
+    tracked = ROOT / "figures" / "hybrid_loss.png"
+    original = tracked.read_bytes()
+    try:
+        new.write_text("x")
+        assert _snapshot() != before
+        new.unlink()
+        assert _snapshot() == before
+        tracked.write_bytes(original + b"\0")
+        assert _snapshot() != before
+    finally:
+        tracked.write_bytes(original)
+        new.unlink(missing_ok=True)
+    assert _snapshot() == before
 
 
 @pytest.mark.timeout(300)
