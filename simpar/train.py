@@ -336,10 +336,6 @@ def check_options(o: TrainOptions, layout) -> None:
                          f"save={o.save!r}, resume={o.resume!r})")
     check_zero(o.zero, layout, moe=bool(o.moe_experts), sequence_parallel=o.sequence_parallel,
                overlap=o.overlap)
-    if layout.cp > 1 and o.zero:
-        raise ValueError(f"ZeRO (zero={o.zero}) with context parallelism (cp={layout.cp}) is "
-                         "not supported: ZeRO shards over dp, the gradients are summed over "
-                         "dp x cp")
     if isinstance(o.save_every, bool) or not isinstance(o.save_every, (int, np.integer)) \
             or o.save_every < 0 or (o.save_every and not o.save):
         raise ValueError(f"save_every must be an integer >= 0 (with save=DIR), got "

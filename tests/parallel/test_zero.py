@@ -139,9 +139,6 @@ def test_train_cli_cp2_zero1_prints_the_losses_of_plain_cp2(tmp_path):
                               "--batch-size", "4", "--log-every", "1", "--float64", *args,
                               "--out", str(tmp_path / "out")], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=120)
-        if "ZeRO shards over dp, the gradients are summed over dp x cp" in res.stderr:
-            pytest.xfail("simpar/train.py still refuses ZeRO with cp (a guard the ZeRO "
-                         "fix made obsolete; train.py is another engineer's file)")
         assert res.returncode == 0, res.stdout + res.stderr
         return re.findall(r"step\s+\d+ \| loss (\S+)", res.stdout)
     plain = losses("--cp", "2")
