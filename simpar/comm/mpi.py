@@ -7,24 +7,27 @@ on lines marked ``# pickle-ok: cold path``.
 
 Waiting politely (DESIGN.md §3): MPICH busy-polls inside blocking calls, so
 with more ranks than cores the waiting ranks steal the CPU from the working
-ones.  When ranks outnumber cores, messages and the arrival point of every
+ones.  When ranks outnumber cores, messages and the arrival exchange of every
 collective are started non-blocking and waited for by testing in a loop that
 gives the core away (``sched_yield``) for up to 2 ms, then ``Test`` + 0.2 ms
-naps.  Measured with 4 ranks on 2 cores: plain spinning on ``Test`` made a
-1 KiB all-reduce 0.7 ms (longer spins made it worse: the spinner starves the
-peer it waits for); yielding brought it to ~0.12 ms, while two ranks waiting in
-``recv`` still leave the working ranks their full speed.
+naps.  Measured with 4 ranks on 2 cores: the working ranks run 1.6-1.8x faster
+while two ranks wait in simpar's ``recv`` than in raw ``Recv``
+(``benchmarks/collectives.py``); spinning on ``Test`` before yielding (20 or 100
+tests) or shorter naps did not lower the latency of a 4-rank all-reduce
+(1 KiB: ~220 µs every way, raw ~65 µs — the ranks' Python, four processes on two
+cores, is what it waits for).  When every rank has a core, waits are MPI's own
+blocking calls, the fastest.
 
-**Watchdog** (DESIGN.md §3).  Every wait for a peer — the arrival exchange of
-each collective, each message — is a loop on ``Test``, also when ranks do not
-outnumber cores (then it spins without yielding), so a wait can end in a
-report instead of a hang: after ``SIMPAR_WATCHDOG_S`` seconds (default 60; 0
-turns it off) or past ``simpar.run(timeout=...)``, the waiting rank asks every
-other rank, on a private duplicate of ``COMM_WORLD``, what it is waiting for
-(ranks in a wait answer from their loop), prints one report naming each
-rank's pending operation and aborts the job.  A collective's data movement,
-which follows the arrival exchange with every member present, is a blocking
-call and is not watched (it cannot wait for an absent member).
+**Watchdog** (DESIGN.md §3).  A thread of each rank (started when
+``SIMPAR_WATCHDOG_S`` > 0, default 60, or by ``simpar.run(timeout=...)``) looks
+every 0.1 s at what its rank waits for: a collective's arrival exchange or a
+message, marked by the waiting code.  When a wait outlives the limit, or the run
+its timeout, it asks every other rank, on a private duplicate of
+``COMM_WORLD``, what it is waiting for (every rank's watchdog answers, also
+while its rank computes), prints one report naming each rank's pending
+operation and aborts the job.  A collective's data movement, which follows the
+arrival exchange with every member present, is not watched (it cannot wait for
+an absent member).
 
 **One message per job.**  A rank that raises tells the others, waits a moment
 for their notices, and only the first failing rank (the lowest, if several
@@ -270,16 +273,21 @@ class _Job:
         self._lock = threading.Lock()        # the watchdog thread and a failing main thread
         self._stop = threading.Event()
         self._thread = None
-        if self.size > 1:
-            if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-                sys.stderr.write("simpar: MPI was initialised without MPI_THREAD_MULTIPLE; "
-                                 "the watchdog (SIMPAR_WATCHDOG_S, run(timeout=)) is off\n")
-            else:
-                self._thread = threading.Thread(target=self._watch, name="simpar-watchdog",
-                                                daemon=True)
-                self._thread.start()
+        if self.limit:
+            self.start_watching()
         import atexit
         atexit.register(self.close)          # runs before mpi4py's MPI_Finalize
+
+    def start_watching(self) -> None:
+        """Start the watchdog thread (once; a job of one rank needs none)."""
+        if self._thread is not None or self.size == 1:
+            return
+        if _mpi().Query_thread() < _mpi().THREAD_MULTIPLE:
+            sys.stderr.write("simpar: MPI was initialised without MPI_THREAD_MULTIPLE; "
+                             "the watchdog (SIMPAR_WATCHDOG_S, run(timeout=)) is off\n")
+            return
+        self._thread = threading.Thread(target=self._watch, name="simpar-watchdog", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         """Stop the watchdog; withdraw the standing receive for questions (a
@@ -452,6 +460,7 @@ def set_timeout(seconds: float | None) -> None:
     if _JOB is not None and seconds is not None:
         _JOB.timeout = float(seconds)
         _JOB.deadline = time.perf_counter() + float(seconds)
+        _JOB.start_watching()
 
 
 def abort_job() -> None:
