@@ -5,8 +5,9 @@
     mpiexec -n 2 python benchmarks/pipeline_parallel.py --worker
 
 A float32 GPT with uniform stages (the last stage trades one block for the LM
-head, whose FLOPs equal one block's) is cut into p = 2 stages, one MPI process and
-one BLAS thread per stage.  For GPipe and 1F1B and several m it prints:
+head, whose vocabulary is sized so that head and loss take one block's time,
+measured at the start) is cut into p = 2 stages, one MPI process and one BLAS
+thread per stage.  For GPipe and 1F1B and several m it prints:
 
 * the wall-clock bubble fraction, ``Σ idle / (p · step)`` with a rank's idle time
   the step time minus its compute actions, next to the formula (p−1)/(m+p−1)
@@ -33,6 +34,42 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 
+def time_balanced(comm, cfg, batch: int):
+    """``cfg`` with the vocabulary scaled so that the LM head and its loss take a
+    block's *time* (``uniform_config`` matches their FLOPs, but the softmax over
+    the vocabulary is not a GEMM: measured here, the head took about 2 blocks'
+    time, and the last stage set the pace).  Measured on rank 0, the same on all."""
+    import dataclasses
+
+    from simpar import trace
+    from simpar.nn import GPT
+    from simpar.nn import functional as F
+    model = GPT(cfg, seed=0, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, cfg.seq_len, cfg.d_model)).astype(np.float32)
+    y = rng.integers(0, cfg.vocab_size, (batch, cfg.seq_len))
+
+    def block():
+        model.blocks[0].backward(model.blocks[0].forward(x))
+
+    def head():
+        loss, cache = F.cross_entropy(model.head_forward(x), y)
+        model.head_backward(F.cross_entropy_backward(cache))
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    with trace.untraced():
+        scale = best(block) / best(head) if comm.rank == 0 else 0.0
+    scale = float(comm.broadcast(np.array([scale]), 0)[0])
+    return dataclasses.replace(cfg, vocab_size=max(2, round(cfg.vocab_size * scale)))
+
+
 def worker(args) -> None:
     from simpar.comm import mpi
     from simpar.demos.pipeline_parallel import uniform_config
@@ -43,6 +80,7 @@ def worker(args) -> None:
     p = comm.size
     cfg, sizes = uniform_config(p, k=args.layers_per_stage, h=args.d_model, d_ff=4 * args.d_model,
                                 seq=args.seq, n_head=args.d_model // 32)
+    cfg = time_balanced(comm, cfg, args.batch)
     solo = comm.split(comm.rank, 0, name="solo")
     rng = np.random.default_rng(0)
 
@@ -72,7 +110,7 @@ def worker(args) -> None:
 
     if comm.rank == 0:
         print(f"GPT float32: d_model {cfg.d_model}, d_ff {cfg.d_ff}, seq {cfg.seq_len}, "
-              f"{cfg.n_layer} layers + head (vocab {cfg.vocab_size}), micro-batch "
+              f"{cfg.n_layer} layers + head (vocab {cfg.vocab_size}: head + loss take a block's time), micro-batch "
               f"{args.batch} x {cfg.seq_len} tokens; p = {p} ranks, 1 BLAS thread each\n")
         print(f"{'schedule':<8} {'m':>3} {'step (s)':>9} {'bubble (wall)':>14} "
               f"{'formula':>8}")
@@ -108,7 +146,7 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help="run as an MPI rank")
     ap.add_argument("-n", type=int, default=2, help="ranks (default 2)")
     ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)

@@ -42,6 +42,19 @@ def demo_parser(command: str, doc: str, cluster: str | None = "a100",
     return ap
 
 
+def at_least(minimum: int):
+    """An argparse ``type``: an integer of at least ``minimum`` (else a clear usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def threads_only(command: str) -> None:
     """For a demo that starts its own threads worlds (of the sizes it shows):
     refuse to run under ``mpiexec`` with several processes, where every process

@@ -24,7 +24,7 @@ from ..comm import Comm, run
 from ..experiments import moe_dispatch_events as dispatch_run
 from ..experiments import moe_equivalence as equivalence
 from ..experiments import train_moe
-from .common import demo_parser, process_rank, start
+from .common import at_least, demo_parser, process_rank, start
 
 # memory model (bytes): base, per device, per device² — each device builds the
 # reference dispatch layer of all 2·ep experts (measured: 4.4 GB at 16 devices)
@@ -47,15 +47,12 @@ COMM_LABELS = {"all_to_all": "all-to-all", "all_gather": "counts", "all_reduce":
 # ------------------------------------------------------------------ main
 def parser():
     ap = demo_parser("expert", __doc__)
-    ap.add_argument("--steps", type=int, default=150, help="training steps per run (>= 2)")
+    ap.add_argument("--steps", type=at_least(2), default=150, help="training steps per run (>= 2)")
     return ap
 
 
 def main(argv=None) -> None:
-    ap = parser()
-    args = ap.parse_args(argv)
-    if args.steps < 2:
-        ap.error(f"--steps must be at least 2, got {args.steps}")
+    args = parser().parse_args(argv)
     cluster = sim.preset(args.cluster)
     start("expert parallelism", args, MEMORY)
     results = run(lambda comm: main_rank(comm, args.steps), args.world_size, args.backend,

@@ -30,7 +30,7 @@ from ..comm import launch
 from ..comm.mesh import ParallelConfig as P
 from ..testing import rel_error, worst
 from ..train import train, train_reference
-from .common import demo_parser, threads_only
+from .common import at_least, demo_parser, threads_only
 
 FIGURE = "hybrid_loss.png"
 MODEL = dict(n_layer=4)                 # DEFAULT_MODEL with a layer for each of 4 stages
@@ -99,15 +99,12 @@ def figure(curves: dict, errors: dict, steps: int):
 
 def parser():
     ap = demo_parser("hybrid", __doc__, cluster=None, world=False)
-    ap.add_argument("--steps", type=int, default=40, help="training steps per layout")
+    ap.add_argument("--steps", type=at_least(1), default=40, help="training steps per layout")
     return ap
 
 
 def main(argv=None) -> None:
-    ap = parser()
-    args = ap.parse_args(argv)
-    if args.steps < 1:
-        ap.error(f"--steps must be at least 1, got {args.steps}")
+    args = parser().parse_args(argv)
     threads_only("hybrid")
     out = run_layouts(args.steps)
     print(f"hybrid layouts: the default GPT with {MODEL['n_layer']} layers, float64, global "
