@@ -32,7 +32,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from . import trace
-from .nn.precision import FP16, HALF
+from .nn.precision import FP16, HALF, round_to, widen
 from .optim import SGD, AdamW, Wrapped
 
 __all__ = ["LossScaler", "MixedPrecisionOptimizer", "count_underflow", "default_scaler",
@@ -100,6 +100,15 @@ def count_underflow(grads: Mapping[str, np.ndarray]) -> tuple[int, int]:
     return zeros, sum(int(g.size) for g in grads.values())
 
 
+def _finite(g: np.ndarray) -> bool:
+    """No inf or NaN in ``g``: for float16, no exponent field of all ones (read off
+    the bits, without converting); else the float32 sum is finite (as an inf or a
+    NaN would make it)."""
+    if g.dtype == FP16:
+        return g.size == 0 or int((g.view(np.uint16) & 0x7FFF).max()) < 0x7C00
+    return bool(np.isfinite(np.sum(g, dtype=np.float32)))
+
+
 class MixedPrecisionOptimizer(Wrapped):
     """float32 master weights + a float32 optimizer over them, for a 16-bit model.
 
@@ -138,7 +147,7 @@ class MixedPrecisionOptimizer(Wrapped):
     def found_overflow(self, grads: Mapping[str, np.ndarray]) -> bool:
         """inf or NaN in any gradient on any rank of ``comm`` (one all-reduce of one
         number: every rank gets the same answer)."""
-        bad = any(not np.isfinite(np.sum(g, dtype=np.float32)) for g in grads.values())
+        bad = any(not _finite(g) for g in grads.values())
         if self.comm is None:
             return bad
         return bool(self.comm.all_reduce(np.array([float(bad)]), op="max")[0] > 0)
@@ -176,9 +185,13 @@ class MixedPrecisionOptimizer(Wrapped):
         for k, p in self.params.items():
             w = self.master[k]
             g = self._scratch(w)
-            np.multiply(grads[k], np.float32(coef), out=g, casting="unsafe")
+            if grads[k].dtype in HALF:
+                widen(grads[k], out=g)
+                g *= np.float32(coef)
+            else:
+                np.multiply(grads[k], np.float32(coef), out=g, casting="unsafe")
             inner._update(k, w, g, inner._buffer(w))
-            np.copyto(p, w, casting="unsafe")            # w₁₆ = round₁₆(w₃₂)
+            round_to(w, p.dtype, out=p)                   # w₁₆ = round₁₆(w₃₂)
         return True
 
     @property

@@ -215,11 +215,19 @@ def _group_size(n_head: int, s: int) -> int:
     return max(1, min(n_head, _ATT_BLOCK // (s * s)))
 
 
-@mixed
 def attention_forward_fast(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int):
     """:func:`~.functional.causal_attention_forward` over head groups: per group
     ``P = softmax(q kᵀ/√d + M)`` in place in the saved scores, then ``y = P v``
-    straight into the output's head view.  Same cache ``(q, k, v, P, 1/√d)``."""
+    straight into the output's head view.  Same cache ``(q, k, v, P, 1/√d)``, with
+    the per-head views of the caller's ``q, k, v`` (also in 16 bits: not rounded
+    again from float32 copies)."""
+    y, att, scale = _attention_core(q, k, v, n_head)
+    return y, (*(split_heads(a, n_head) for a in (q, k, v)), att, scale)
+
+
+@mixed
+def _attention_core(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int):
+    """``(y, P, 1/√d)`` of :func:`attention_forward_fast`."""
     b, s, h = q.shape
     scale = 1.0 / math.sqrt(h // n_head)
     qh, kh, vh = (split_heads(a, n_head) for a in (q, k, v))   # (b, nh, s, d) views
@@ -233,7 +241,7 @@ def attention_forward_fast(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: 
         p += mask
         softmax_(p)
         np.matmul(p, vh[i, hs], out=yh[i, hs])
-    return y, (qh, kh, vh, att, scale)
+    return y, att, scale
 
 
 @mixed

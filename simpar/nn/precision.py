@@ -39,7 +39,7 @@ HALF = (BF16, FP16)
 PRECISIONS = {"fp32": np.dtype(np.float32), "bf16": BF16, "fp16": FP16}
 
 __all__ = ["BF16", "FP16", "HALF", "PRECISIONS", "is_half", "mixed", "acc_dtype",
-           "precision_dtype"]
+           "precision_dtype", "round_fp16", "round_to", "widen"]
 
 
 def is_half(dtype) -> bool:
@@ -73,20 +73,100 @@ def _half_of(args):
     return None
 
 
+# ------------------------------------------------------- float16 conversions
+# NumPy rounds float32 → float16 one element at a time (~3 ns an element here, ~1
+# for ml_dtypes' bfloat16).  round_fp16 gives the same bits with a dozen
+# vectorised passes over blocks that stay in the CPU cache, letting the float32
+# adder do the rounding: for |x| in [2^e, 2^(e+1)) the number C = 2^(e+13) has the
+# float32 spacing 2^(e-10), float16's spacing there, so the float32 sum
+#     S = |x| + C  =  C + m·2^(e-10)
+# holds m = |x|/2^(e-10) rounded to nearest, ties to even (1024 ≤ m ≤ 2048: the
+# float16 significand, 2048 when it carries into the next binade).  Below 2^-14
+# float16's spacing stays 2^-24 (subnormals): C = 2^-1.  The float16 bits
+# (e + 15)·2^10 + m − 2^10 are then (S + S >> 13) mod 2^16 when C carries 2048 in
+# its low bits (even, so the ties still go to even m).  |x| ≥ 65520 (→ ±inf),
+# inf and NaN are left to NumPy's own cast: same bits, same overflow warning.
+_BLOCK16 = 1 << 14                        # elements per block: 64 KiB per uint32 buffer
+_U32 = np.uint32
+_ABS, _EXP, _SIGN16 = _U32(0x7FFFFFFF), _U32(0x7F800000), _U32(0x8000)
+_C_MIN = _U32(113 << 23)                  # 2^-14: float16's smallest normal
+_C_ADD = _U32((13 << 23) | 2048)          # C = 2^(e+13), plus 2048 units in its last place
+_TO_INF = 0x477FF000                      # the bits of 65520: |x| from here rounds to inf
+
+
+def _round_block(u: np.ndarray, o: np.ndarray, a: np.ndarray, c: np.ndarray) -> None:
+    """float16 bits ``o`` of the float32 bits ``u`` (scratch ``a``, ``c``)."""
+    np.bitwise_and(u, _ABS, out=a)                        # |x|
+    special = a.max() >= _TO_INF
+    if special:
+        big = a >= _TO_INF
+        a[big] = 0
+    np.bitwise_and(u, _EXP, out=c)                        # C = 2^(max(e, -14) + 13) + 2048 ulp
+    np.maximum(c, _C_MIN, out=c)
+    c += _C_ADD
+    if special:
+        c[big] = _C_MIN + _C_ADD
+    np.add(a.view(np.float32), c.view(np.float32), out=a.view(np.float32))   # S = |x| + C
+    np.right_shift(a, _U32(13), out=c)
+    a += c                                                # S + S >> 13
+    np.right_shift(u, _U32(16), out=c)
+    c &= _SIGN16
+    a |= c                                                # the sign
+    np.copyto(o, a, casting="unsafe")                     # mod 2^16
+    if special:
+        o[big] = u[big].view(np.float32).astype(np.float16).view(np.uint16)
+
+
+def round_fp16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``x.astype(np.float16)``, bit for bit, for a float32 array (round to nearest
+    even, subnormals, ±0, overflow to ±inf with NumPy's warning, inf, NaN), ~2×
+    faster; into ``out`` (float16, shape of ``x``) when given.  NumPy's underflow
+    flag (ignored by default) is not raised."""
+    if out is None:
+        out = np.empty(x.shape, FP16)
+    if x.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
+        np.copyto(out, x, casting="unsafe")               # NumPy's own cast
+        return out
+    u, o = x.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16)
+    a = np.empty(min(_BLOCK16, u.size), np.uint32)
+    c = np.empty_like(a)
+    for i in range(0, u.size, _BLOCK16):
+        j = min(i + _BLOCK16, u.size)
+        _round_block(u[i:j], o[i:j], a[:j - i], c[:j - i])
+    return out
+
+
 # float16 → float32 by table lookup over the 65536 bit patterns: exact, and ~25 %
 # faster than NumPy's element-by-element float16 conversion on this machine
 _FP16_TO_FP32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-def _widen(a: np.ndarray) -> np.ndarray:
-    if a.dtype == FP16 and a.flags.c_contiguous:
-        return np.take(_FP16_TO_FP32, a.view(np.uint16))
-    return a.astype(np.float32)
+def widen(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 copy of a 16-bit array (exact), into ``out`` (float32, C-contiguous,
+    shape of ``a``) when given."""
+    if a.dtype == FP16:                 # a strided view: copied contiguous first (2 bytes)
+        bits = (a if a.flags.c_contiguous else a.copy()).view(np.uint16)
+        return np.take(_FP16_TO_FP32, bits, out=out, mode="wrap")    # wrap: unbuffered out
+    if out is None:
+        return a.astype(np.float32)
+    np.copyto(out, a)
+    return out
+
+
+def round_to(x: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """round₁₆: the float32 array ``x`` rounded to ``dtype`` (into ``out`` when
+    given), exactly ``x.astype(dtype)``."""
+    if np.dtype(dtype) == FP16 and x.dtype == np.float32:
+        return round_fp16(x, out)
+    if out is None:
+        return x.astype(dtype)
+    np.copyto(out, x, casting="unsafe")
+    return out
 
 
 def _up(a):
     if isinstance(a, np.ndarray):
-        return _widen(a) if a.dtype in HALF else a
+        return widen(a) if a.dtype in HALF else a
     if isinstance(a, tuple):
         return tuple(_up(x) for x in a)
     return a
@@ -96,7 +176,7 @@ def _down(r, dt, keep, path=()):
     if path in keep:
         return r
     if isinstance(r, np.ndarray):
-        return r.astype(dt) if r.dtype == np.float32 else r
+        return round_to(r, dt) if r.dtype == np.float32 else r
     if isinstance(r, tuple):
         return tuple(_down(x, dt, keep, path + (i,)) for i, x in enumerate(r))
     return r
@@ -111,10 +191,20 @@ def _empty_like(a):
 def _write_back(dst, src) -> None:
     if isinstance(dst, np.ndarray):
         if dst is not src:          # round contiguously, then copy (dst may be a strided view)
-            np.copyto(dst, src.astype(dst.dtype) if src.dtype != dst.dtype else src)
+            np.copyto(dst, round_to(src, dst.dtype) if src.dtype != dst.dtype else src)
     else:
         for d, s in zip(dst, src):
             _write_back(d, s)
+
+
+def _is_buffer(r, w) -> bool:
+    """``r`` is the float32 output buffer ``w``, or a view of all of it with its shape
+    (``out.reshape(-1)...reshape(shape)``); elementwise for tuples."""
+    if isinstance(r, tuple) and isinstance(w, tuple):
+        return len(r) == len(w) and all(_is_buffer(a, b) for a, b in zip(r, w))
+    return r is w or (isinstance(r, np.ndarray) and isinstance(w, np.ndarray)
+                      and r.shape == w.shape and r.strides == w.strides
+                      and r.__array_interface__["data"] == w.__array_interface__["data"])
 
 
 def mixed(fn=None, *, keep=(), inplace=(), accumulates=False):
@@ -141,8 +231,7 @@ def mixed(fn=None, *, keep=(), inplace=(), accumulates=False):
                 _write_back(orig, wide[i])
             if kw.get("out") is not None:
                 _write_back(kw["out"], wkw["out"])
-                if r is wkw["out"] or (isinstance(r, tuple) and isinstance(wkw["out"], tuple)
-                                       and all(a is b for a, b in zip(r, wkw["out"]))):
+                if _is_buffer(r, wkw["out"]):           # already rounded into the caller's
                     return kw["out"]
             return _down(r, dt, keep)
         run.mixed_precision = True
