@@ -79,6 +79,9 @@ _HEAD_STRUCT = struct.Struct(f"{_HEAD}d")
 _HEAD_READ = f"4d{8 * (_RECORD - 4)}x"
 _MAX_PLANS = 512                # call signatures remembered per communicator
 _ENVELOPE_LEN = 3 + _MAX_DIMS   # [send time, dtype code, ndim, dims...]
+_ENVELOPE = struct.Struct(f"{_ENVELOPE_LEN}d")
+#: an envelope's first 3 + ndim slots, by ndim (the rest stay zero)
+_ENVELOPE_HEAD = [struct.Struct(f"{3 + n}d") for n in range(_MAX_DIMS + 1)]
 _FP_MASK = (1 << 52) - 1        # fingerprints are integers a float64 holds exactly
 
 
@@ -194,14 +197,15 @@ class _Plan:
     * ``send``: the payload slots of this rank's arrival record as an array of
       the message's dtype and shape (``None``: the message does not ride along);
     * ``rows``: the same slots of every rank's record in the arrival table,
-      ``(size, *shape)``, and ``parts``: ``rows[0], rows[1], ...``;
+      ``(size, *shape)``, and ``parts``: ``rows[0], rows[1], ...``
+      (``mine``: a reduce-scatter's block of this rank, in every row);
     * ``duration``: the simulated α-β cost, priced for ``nbytes`` on ``cluster``
       and priced again when either changes (``tracer.cluster = ...``; an
       all-to-all's largest member).
     """
 
     __slots__ = ("sig", "kind", "priced_as", "wait_name", "h", "half", "send", "rows", "parts",
-                 "cluster", "nbytes", "duration")
+                 "mine", "cluster", "nbytes", "duration")
 
     def __init__(self, sig: tuple, h: int, payload: np.ndarray | None, record: np.ndarray,
                  table: np.ndarray) -> None:
@@ -210,7 +214,7 @@ class _Plan:
         self.priced_as = "all_reduce" if self.kind == "iall_reduce" else self.kind
         self.wait_name = "wait " + self.priced_as
         self.half = payload is not None and payload.dtype in HALF_DTYPES
-        self.send = self.rows = self.parts = None
+        self.send = self.rows = self.parts = self.mine = None
         if payload is not None and payload.nbytes <= INLINE_BYTES:
             shape, dtype = payload.shape, payload.dtype
             self.send = np.ndarray(shape, dtype, record, 8 * _HEAD)
@@ -234,6 +238,8 @@ class Comm:
         self.name = name
         self.check = check_enabled() if check is None else check
         self._link_for = None
+        self._peer_links: dict[int, sim.LinkSpec] = {}
+        self._peer_links_for = None
         self._record = np.zeros(_RECORD)                 # this rank's arrival record
         # every member's record after the exchange (a group of one: its own)
         self._table = self._record[None] if size == 1 else np.zeros((size, _RECORD))
@@ -361,7 +367,7 @@ class Comm:
         stacked = out.reshape((self.size,) + x.shape) if axis == 0 else \
             np.empty((self.size,) + x.shape, x.dtype)
         if plan.rows is not None:                      # it rode in the arrival
-            np.copyto(stacked, plan.rows)
+            stacked[...] = plan.rows
         else:
             self._raw_all_gather(x, stacked)
         if axis:
@@ -387,10 +393,16 @@ class Comm:
                                      blocks)
         part = out if axis == 0 else np.empty((shape[axis],) + blocks.shape[1:], x.dtype)
         if plan.rows is not None:                      # it rode in the arrival: sum here
-            k = blocks.shape[0] // self.size
-            mine = plan.rows[:, self.rank * k:(self.rank + 1) * k]
-            wide = mine.astype(np.float32) if plan.half else mine
-            np.copyto(part, np.add.reduce(wide, axis=0), casting="unsafe")
+            if plan.mine is None:                      # (views made once per plan)
+                k = blocks.shape[0] // self.size
+                plan.mine = plan.rows[:, self.rank * k:(self.rank + 1) * k]
+            if plan.half:                              # in float32, rounded once
+                np.copyto(part, np.add.reduce(plan.mine.astype(np.float32), axis=0),
+                          casting="unsafe")
+            elif self.size == 2:                       # rank 0's + rank 1's, as reduce does
+                np.add(plan.mine[0], plan.mine[1], out=part)
+            else:
+                np.add.reduce(plan.mine, axis=0, out=part)
         elif plan.half:                                # in float32, rounded once
             wide = np.empty(part.shape, np.float32)
             self._raw_reduce_scatter(blocks.astype(np.float32), wide)
@@ -458,21 +470,18 @@ class Comm:
         self._check_rank(dst, "dst")
         self._check_tag(tag)
         x = as_message(x)
-        env = np.zeros(_ENVELOPE_LEN)
-        env[0] = self.tracer.clock.now
-        env[1] = DTYPES.index(x.dtype)
-        env[2] = x.ndim
-        env[3:3 + x.ndim] = x.shape
-        wall0 = time.perf_counter()
-        h_env = self._raw_isend(env, dst, tag, meta=True)
-        h_data = self._raw_isend(x, dst, tag, meta=False)
         now = self.tracer.clock.now
+        env = np.zeros(_ENVELOPE_LEN)                  # [send time, dtype code, ndim, dims...]
+        _ENVELOPE_HEAD[x.ndim].pack_into(env, 0, now, _DTYPE_CODE[x.dtype], x.ndim, *x.shape)
+        wall0 = time.perf_counter()
+        h_env = self._raw_isend(env, dst, tag, True)
+        h_data = self._raw_isend(x, dst, tag, False)
 
         def finish():
             self._raw_wait(h_env)
             self._raw_wait(h_data)
-            self.tracer.add("comm", "send", wall0, time.perf_counter(), now, now,
-                            nbytes=x.nbytes, group=self.name, args={"dst": dst, "tag": tag})
+            self.tracer.add("comm", "send", wall0, time.perf_counter(), now, now, x.nbytes, 0.0,
+                            self.name, {"dst": dst, "tag": tag})
         return Request(finish)
 
     def irecv(self, shape: Sequence[int], dtype, src: int, tag: int = 0) -> Request:
@@ -480,37 +489,36 @@ class Comm:
         self._check_rank(src, "src")
         self._check_tag(tag)
         try:
-            shape = tuple(int(d) for d in shape)
+            shape = tuple(map(int, shape))
         except TypeError:
             raise TypeError(f"recv: shape must be a sequence of integers, got {shape!r}") from None
-        if any(d < 0 for d in shape):
+        if shape and min(shape) < 0:
             raise ValueError(f"recv: negative dimension in shape {shape}")
         dtype = np.dtype(dtype)
-        if dtype not in DTYPES:
+        if dtype not in _DTYPE_CODE:
             raise TypeError(f"unsupported dtype {dtype}")
         buf = np.empty(shape, dtype)
         env = np.empty(_ENVELOPE_LEN)
-        h_env = self._raw_irecv(env, src, tag, meta=True)
-        h_data = self._raw_irecv(buf, src, tag, meta=False)
+        h_env = self._raw_irecv(env, src, tag, True)
+        h_data = self._raw_irecv(buf, src, tag, False)
 
         def finish():
             wall0 = time.perf_counter()
             self._raw_wait(h_env)
-            got_dtype = DTYPES[int(env[1])]
-            got_shape = tuple(int(d) for d in env[3:3 + int(env[2])])
+            sent_at, code, ndim, *dims = _ENVELOPE.unpack_from(env)
+            got_dtype, got_shape = DTYPES[int(code)], tuple(map(int, dims[:int(ndim)]))
             if got_shape != shape or got_dtype != dtype:
                 raise ValueError(f"{self.name} rank {self.rank}: recv from rank {src} (tag {tag}) "
                                  f"expected {shape} {dtype}, but the sender sent {got_shape} "
                                  f"{got_dtype}")
             self._raw_wait(h_data)
             t = self.tracer
-            sent_at = float(env[0])
             arrival = t.clock.arrival(sent_at, buf.nbytes, self._link_to(src))
             t.wait_until(sent_at, "wait recv")         # idle: not sent before sent_at
             start = t.clock.now
             t.clock.idle_until(arrival)                # in transfer (a comm event)
-            t.add("comm", "recv", wall0, time.perf_counter(), start, t.clock.now,
-                  nbytes=buf.nbytes, group=self.name, args={"src": src, "tag": tag})
+            t.add("comm", "recv", wall0, time.perf_counter(), start, t.clock.now, buf.nbytes,
+                  0.0, self.name, {"src": src, "tag": tag})
             return buf
         return Request(finish)
 
@@ -571,18 +579,30 @@ class Comm:
 
     # ============================================================= helpers
     def _check_rank(self, r: int, what: str) -> None:
+        if type(r) is int and 0 <= r < self.size:      # the common case, first
+            return
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r < self.size:
             raise ValueError(f"{what}={r!r} is not a rank of {self.name} (size {self.size})")
 
     @staticmethod
     def _check_tag(tag: int) -> None:
+        if type(tag) is int and 0 <= tag <= MAX_TAG:   # the common case, first
+            return
         if isinstance(tag, bool) or not isinstance(tag, (int, np.integer)) \
                 or not 0 <= tag <= MAX_TAG:
             raise ValueError(f"tag={tag!r} must be an integer in [0, {MAX_TAG}] "
                              "(the range every MPI guarantees)")
 
     def _link_to(self, peer: int) -> sim.LinkSpec:
-        return self.tracer.cluster.link((self.world_ranks[self.rank], self.world_ranks[peer]))
+        """The link to ``peer`` (looked up once per peer and cluster)."""
+        cluster = self.tracer.clock.cluster
+        if self._peer_links_for is not cluster:
+            self._peer_links, self._peer_links_for = {}, cluster
+        link = self._peer_links.get(peer)
+        if link is None:
+            link = self._peer_links[peer] = cluster.link((self.world_ranks[self.rank],
+                                                          self.world_ranks[peer]))
+        return link
 
     @staticmethod
     def _fingerprint(sig: tuple) -> int:
