@@ -141,10 +141,15 @@ class Clock:
     ``compute(flops)``  ``now += flops / device.flops``
     ``idle_until(t)``   ``now = max(now, t)``  (a wait for a peer)
     ``collective(...)`` starts at ``start`` (the latest member's ``now``, from
-                        the arrival exchange), lasts its alpha-beta cost
+                        the arrival exchange), lasts ``duration``, its
+                        alpha-beta cost (:func:`collective_time`)
     ``launch(...)``     the same on the communication stream: ``now`` goes on
     ``arrival(...)``    a message sent at ``sent_at``: ``sent_at + alpha + n beta``
     ==================  ==================================================
+
+    The communicator prices a collective with :func:`collective_time` once
+    per call signature and cluster and passes the ``duration`` (the same
+    float every time, so simulated times stay bit-identical).
     """
 
     __slots__ = ("cluster", "now", "stream_free")
@@ -169,20 +174,18 @@ class Clock:
         start, self.now = self.now, t
         return start, t
 
-    def collective(self, kind: str, nbytes: int, size: int, link: LinkSpec, start: float
-                   ) -> tuple[float, float]:
-        """A blocking collective that every member reached by ``start`` (call
-        :meth:`idle_until` first to record the wait)."""
-        begin = max(self.now, start)
-        self.now = begin + collective_time(kind, nbytes, size, link)
+    def collective(self, start: float, duration: float) -> tuple[float, float]:
+        """A blocking collective of ``duration`` that every member reached by
+        ``start`` (call :meth:`idle_until` first to record the wait)."""
+        begin = start if start > self.now else self.now       # max(now, start)
+        self.now = begin + duration
         return begin, self.now
 
-    def launch(self, kind: str, nbytes: int, size: int, link: LinkSpec, start: float
-               ) -> tuple[float, float]:
-        """A non-blocking collective on the communication stream: it starts when
-        every member launched it (``start``) and the stream is free."""
-        begin = max(start, self.stream_free)
-        self.stream_free = begin + collective_time(kind, nbytes, size, link)
+    def launch(self, start: float, duration: float) -> tuple[float, float]:
+        """A non-blocking collective of ``duration`` on the communication stream:
+        it starts when every member launched it (``start``) and the stream is free."""
+        begin = self.stream_free if self.stream_free > start else start   # max(start, free)
+        self.stream_free = begin + duration
         return begin, self.stream_free
 
     def arrival(self, sent_at: float, nbytes: int, link: LinkSpec) -> float:

@@ -105,11 +105,14 @@ class Tracer:
 
     # ------------------------------------------------------------ recording
     def add(self, category: str, name: str, wall_start: float, wall_end: float,
-            sim_start: float, sim_end: float, **kw) -> Event | None:
-        """Record an event; returns it (or ``None`` when disabled)."""
+            sim_start: float, sim_end: float, nbytes: int = 0, flops: float = 0.0,
+            group: str = "", args: dict | None = None) -> Event | None:
+        """Record an event; returns it (or ``None`` when disabled).  (Explicit
+        parameters, not ``**kw``: the communicator records one event per call.)"""
         if not self.enabled:
             return None
-        event = Event(self.rank, category, name, wall_start, wall_end, sim_start, sim_end, **kw)
+        event = Event(self.rank, category, name, wall_start, wall_end, sim_start, sim_end,
+                      nbytes, flops, group, {} if args is None else args)
         self.events.append(event)
         return event
 

@@ -9,7 +9,15 @@ Every public collective follows the same steps::
 
     x = as_message(x)                                 # dtype check, make contiguous
     sig = ("all_reduce", op_index, x.dtype, x.shape)  # what this rank calls
-    self._collective(sig, nbytes, run, payload=x)     # arrival exchange, then run()
+    plan, event, nan = self._begin(sig, nbytes, x)    # arrival exchange, clock, trace
+    ...                                               # the data (plan.rows if it rode along)
+    _end(event)                                       # the event's wall-clock end
+
+What a call signature fixes — its fingerprint, where its message sits in the
+arrival record, its simulated cost on the current cluster — is worked out at
+its first call and kept in a :class:`_Plan`, so a repeated call (a layer's
+all-reduce, step after step) only looks it up: simpar's own Python per call is
+part of every timeline a learner sees.
 
 The **arrival exchange** is one all-gather of a fixed-size record per rank::
 
@@ -19,7 +27,7 @@ where ``h`` is a 52-bit fingerprint of the call (collective, dtype, shape, op /
 axis / root).  The maximum over the records' heads tells every rank when the
 collective starts on the simulated clock, how many bytes the largest member
 moves, whether any member's max/min input holds a NaN, and whether all members
-make the same call: they do iff ``max(h) == -max(-h)``.  A message of at most
+make the same call: they do iff every ``h`` is the same (``max(h) == -max(-h)``).  A message of at most
 ``INLINE_BYTES`` rides in the payload, so a small collective (a loss, a norm,
 an overflow flag, a 1 KiB all-reduce) is complete after this one exchange,
 reduced locally in rank order; an all-to-all's send counts ride there too.  A
@@ -66,7 +74,14 @@ INLINE_BYTES = 1024
 _HEAD = 5                       # [sim time, bytes, NaN flag, h, -h]
 _RECORD = _HEAD + INLINE_BYTES // 8   # float64 slots of one rank's arrival record
 _HEAD_STRUCT = struct.Struct(f"{_HEAD}d")
+#: one rank's head as read back from the table: [time, bytes, flag, h], then
+#: -h and the payload skipped (pad bytes) up to the next rank's record
+_HEAD_READ = f"4d{8 * (_RECORD - 4)}x"
+_MAX_PLANS = 512                # call signatures remembered per communicator
 _ENVELOPE_LEN = 3 + _MAX_DIMS   # [send time, dtype code, ndim, dims...]
+_ENVELOPE = struct.Struct(f"{_ENVELOPE_LEN}d")
+#: an envelope's first 3 + ndim slots, by ndim (the rest stay zero)
+_ENVELOPE_HEAD = [struct.Struct(f"{3 + n}d") for n in range(_MAX_DIMS + 1)]
 _FP_MASK = (1 << 52) - 1        # fingerprints are integers a float64 holds exactly
 
 
@@ -167,24 +182,46 @@ class Request:
         return self._result
 
 
-class Arrival:
-    """What the arrival exchange told this rank: when the collective starts on
-    the simulated clock, the largest member's bytes, whether a member flagged a
-    NaN, and — for a message that rode along (``inline``) — every rank's copy."""
+def _end(event) -> None:
+    """Close a collective's trace event (``None``: tracing is off) once its data moved."""
+    if event is not None:
+        event.wall_end = time.perf_counter()
 
-    __slots__ = ("start", "nbytes", "nan", "table")
 
-    def __init__(self, start: float, nbytes: int, nan: bool, table: np.ndarray | None) -> None:
-        self.start, self.nbytes, self.nan, self.table = start, nbytes, nan, table
+class _Plan:
+    """What one call signature fixes on one communicator, worked out at its
+    first call and looked up by every later one (the hot path of a collective
+    does no hashing, no view-making, no pricing of its own):
 
-    @property
-    def inline(self) -> bool:
-        return self.table is not None
+    * ``h``: the call's fingerprint, for the agreement check;
+    * ``send``: the payload slots of this rank's arrival record as an array of
+      the message's dtype and shape (``None``: the message does not ride along);
+    * ``rows``: the same slots of every rank's record in the arrival table,
+      ``(size, *shape)``, and ``parts``: ``rows[0], rows[1], ...``
+      (``mine``: a reduce-scatter's block of this rank, in every row);
+    * ``duration``: the simulated α-β cost, priced for ``nbytes`` on ``cluster``
+      and priced again when either changes (``tracer.cluster = ...``; an
+      all-to-all's largest member).
+    """
 
-    def rows(self, dtype, count: int) -> np.ndarray:
-        """Every rank's payload as ``count`` elements of ``dtype``: ``(size, count)``."""
-        return np.ndarray((len(self.table), count), dtype, self.table, 8 * _HEAD,
-                          (8 * _RECORD, np.dtype(dtype).itemsize))
+    __slots__ = ("sig", "kind", "priced_as", "wait_name", "h", "half", "send", "rows", "parts",
+                 "mine", "cluster", "nbytes", "duration")
+
+    def __init__(self, sig: tuple, h: int, payload: np.ndarray | None, record: np.ndarray,
+                 table: np.ndarray) -> None:
+        self.sig, self.kind, self.h = sig, sig[0], h
+        # an iall_reduce is its own kind of call, but costs what an all-reduce costs
+        self.priced_as = "all_reduce" if self.kind == "iall_reduce" else self.kind
+        self.wait_name = "wait " + self.priced_as
+        self.half = payload is not None and payload.dtype in HALF_DTYPES
+        self.send = self.rows = self.parts = self.mine = None
+        if payload is not None and payload.nbytes <= INLINE_BYTES:
+            shape, dtype = payload.shape, payload.dtype
+            self.send = np.ndarray(shape, dtype, record, 8 * _HEAD)
+            self.rows = np.ndarray((len(table),) + shape, dtype, table, 8 * _HEAD,
+                                   (table.strides[0],) + self.send.strides)
+            self.parts = tuple(self.rows)
+        self.cluster, self.nbytes, self.duration = None, -1, 0.0
 
 
 class Comm:
@@ -201,8 +238,13 @@ class Comm:
         self.name = name
         self.check = check_enabled() if check is None else check
         self._link_for = None
+        self._peer_links: dict[int, sim.LinkSpec] = {}
+        self._peer_links_for = None
         self._record = np.zeros(_RECORD)                 # this rank's arrival record
-        self._record_bytes = self._record.view(np.uint8)
+        # every member's record after the exchange (a group of one: its own)
+        self._table = self._record[None] if size == 1 else np.zeros((size, _RECORD))
+        self._heads = struct.Struct(_HEAD_READ * size)  # reads every rank's head at once
+        self._plans: dict[tuple, _Plan] = {}             # call signature -> _Plan
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} rank {self.rank}/{self.size}>"
@@ -227,8 +269,11 @@ class Comm:
         each rank's NaN flag rides in the arrival exchange, and only when one is
         set does a second reduction mark the NaN positions."""
         x, out, flag = self._reduce_args(x, op, out)
-        return self._collective(("all_reduce", REDUCE_OPS.index(op), x.dtype, x.shape),
-                                x.nbytes, lambda arr: self._reduce(x, op, out, arr), x, flag)
+        plan, event, nan = self._begin(("all_reduce", REDUCE_OPS.index(op), x.dtype, x.shape),
+                                       x.nbytes, x, flag)
+        self._reduce(x, op, out, plan, nan)
+        _end(event)
+        return out
 
     def iall_reduce(self, x: np.ndarray, op: str = "sum", out: np.ndarray | None = None
                     ) -> Request:
@@ -248,15 +293,16 @@ class Comm:
         another)."""
         x, out, flag = self._reduce_args(x, op, out)
         t = self.tracer
+        clock = t.clock
         wall0 = time.perf_counter()
-        arr = self._arrive(("iall_reduce", REDUCE_OPS.index(op), x.dtype, x.shape),
-                           max(t.clock.now, t.clock.stream_free), x.nbytes, flag, x)
-        start, end = t.clock.launch("all_reduce", arr.nbytes, self.size, self.link, arr.start)
-        event = t.add("comm", "all_reduce", wall0, wall0, start, end, nbytes=arr.nbytes,
-                      group=self.name, args={"size": self.size, "async": True})
-        self._reduce(x, op, out, arr)
-        if event is not None:
-            event.wall_end = time.perf_counter()
+        plan = self._plan(("iall_reduce", REDUCE_OPS.index(op), x.dtype, x.shape), x)
+        launched = clock.stream_free if clock.stream_free > clock.now else clock.now
+        start, nbytes, nan = self._arrive(plan, launched, x.nbytes, flag, x)
+        start, end = clock.launch(start, self._duration(plan, nbytes))
+        event = t.add("comm", "all_reduce", wall0, wall0, start, end, nbytes, 0.0, self.name,
+                      {"size": self.size, "async": True})
+        self._reduce(x, op, out, plan, nan)
+        _end(event)
 
         def finish():
             t.wait_until(end, "wait all_reduce")
@@ -275,24 +321,25 @@ class Comm:
                      and bool(np.isnan(x.max())))
         return x, out, flag
 
-    def _reduce(self, x: np.ndarray, op: str, out: np.ndarray, arr: "Arrival") -> np.ndarray:
-        """The data of an all-reduce, after the arrival exchange ``arr``."""
-        if arr.inline:                      # it rode in the arrival: reduce here
-            parts, flat = arr.rows(x.dtype, x.size), out.reshape(-1)
-            if x.dtype in HALF_DTYPES:                 # in float32, rounded once
-                np.copyto(flat, _UFUNC[op].reduce(parts.astype(np.float32), axis=0),
+    def _reduce(self, x: np.ndarray, op: str, out: np.ndarray, plan: _Plan, nan: bool
+                ) -> np.ndarray:
+        """The data of an all-reduce, after the arrival exchange (``nan``: a
+        member flagged a NaN)."""
+        if plan.rows is not None:           # it rode in the arrival: reduce here
+            if plan.half:                              # in float32, rounded once
+                np.copyto(out, _UFUNC[op].reduce(plan.rows.astype(np.float32), axis=0),
                           casting="unsafe")
             elif self.size == 2:                       # rank 0's op rank 1's, as reduce does
-                _UFUNC[op](parts[0], parts[1], out=flat)
+                _UFUNC[op](plan.parts[0], plan.parts[1], out=out)
             else:
-                _UFUNC[op].reduce(parts, axis=0, out=flat)
+                _UFUNC[op].reduce(plan.rows, axis=0, out=out)
             return out
-        if x.dtype in HALF_DTYPES:                     # in float32, rounded once
+        if plan.half:                                  # in float32, rounded once
             wide = x.astype(np.float32)
-            self._raw_reduce(wide, op, wide, arr.nan)
+            self._raw_reduce(wide, op, wide, nan)
             np.copyto(out, wide, casting="unsafe")
             return out
-        return self._raw_reduce(x, op, out, arr.nan)
+        return self._raw_reduce(x, op, out, nan)
 
     def _raw_reduce(self, x: np.ndarray, op: str, out: np.ndarray, nan: bool) -> np.ndarray:
         """A backend all-reduce; ``nan``: some member flagged a NaN (max/min)."""
@@ -309,32 +356,31 @@ class Comm:
         """Concatenate every rank's ``x`` along ``axis`` (rank order), into a fresh
         array or into ``out`` (C-contiguous, the result's shape and dtype)."""
         x = as_message(x)
-        axis = _norm_axis(axis, max(x.ndim, 1))
+        axis = _norm_axis(axis, x.ndim or 1)
         shape = x.shape[:axis] + (x.shape[axis] * self.size,) + x.shape[axis + 1:] if x.ndim \
             else (self.size,)
         out = np.empty(shape, x.dtype) if out is None else _check_out(out, shape, x.dtype,
                                                                      "all_gather")
-
-        def run(arr):
-            # axis 0: the ranks' blocks follow each other in out; else gather, then lay out
-            stacked = out.reshape((self.size,) + x.shape) if axis == 0 else \
-                np.empty((self.size,) + x.shape, x.dtype)
-            if arr.inline:                             # it rode in the arrival
-                np.copyto(stacked.reshape(self.size, -1), arr.rows(x.dtype, x.size))
-            else:
-                self._raw_all_gather(x, stacked)
-            if axis:
-                np.concatenate(list(stacked), axis=axis, out=out)
-            return out
-        return self._collective(("all_gather", axis, x.dtype, x.shape), x.nbytes * self.size,
-                                run, x)
+        plan, event, _ = self._begin(("all_gather", axis, x.dtype, x.shape),
+                                     x.nbytes * self.size, x)
+        # axis 0: the ranks' blocks follow each other in out; else gather, then lay out
+        stacked = out.reshape((self.size,) + x.shape) if axis == 0 else \
+            np.empty((self.size,) + x.shape, x.dtype)
+        if plan.rows is not None:                      # it rode in the arrival
+            stacked[...] = plan.rows
+        else:
+            self._raw_all_gather(x, stacked)
+        if axis:
+            np.concatenate(list(stacked), axis=axis, out=out)
+        _end(event)
+        return out
 
     def reduce_scatter(self, x: np.ndarray, axis: int = 0, out: np.ndarray | None = None
                        ) -> np.ndarray:
         """Sum over the group, then keep this rank's ``1/size`` slice along ``axis``
         (into a fresh array or ``out``)."""
         x = as_message(x)
-        axis = _norm_axis(axis, max(x.ndim, 1))
+        axis = _norm_axis(axis, x.ndim or 1)
         if x.shape[axis] % self.size:
             raise ValueError(f"reduce_scatter: dimension {axis} of shape {x.shape} is not "
                              f"divisible by the group size {self.size}")
@@ -343,26 +389,30 @@ class Comm:
                                                                      "reduce_scatter")
         # bring the scattered axis to the front so each rank's block is contiguous
         blocks = np.ascontiguousarray(np.moveaxis(x, axis, 0)) if axis else x
-
-        def run(arr):
-            part = out if axis == 0 else np.empty((shape[axis],) + blocks.shape[1:], x.dtype)
-            k = blocks.shape[0] // self.size
-            if arr.inline:                             # it rode in the arrival: sum here
-                mine = arr.rows(x.dtype, x.size).reshape((self.size,) + blocks.shape)
-                mine = mine[:, self.rank * k:(self.rank + 1) * k]
-                wide = mine.astype(np.float32) if x.dtype in HALF_DTYPES else mine
-                np.copyto(part, np.add.reduce(wide, axis=0), casting="unsafe")
-            elif x.dtype in HALF_DTYPES:               # in float32, rounded once
-                wide = np.empty(part.shape, np.float32)
-                self._raw_reduce_scatter(blocks.astype(np.float32), wide)
-                np.copyto(part, wide, casting="unsafe")
+        plan, event, _ = self._begin(("reduce_scatter", axis, x.dtype, x.shape), x.nbytes,
+                                     blocks)
+        part = out if axis == 0 else np.empty((shape[axis],) + blocks.shape[1:], x.dtype)
+        if plan.rows is not None:                      # it rode in the arrival: sum here
+            if plan.mine is None:                      # (views made once per plan)
+                k = blocks.shape[0] // self.size
+                plan.mine = plan.rows[:, self.rank * k:(self.rank + 1) * k]
+            if plan.half:                              # in float32, rounded once
+                np.copyto(part, np.add.reduce(plan.mine.astype(np.float32), axis=0),
+                          casting="unsafe")
+            elif self.size == 2:                       # rank 0's + rank 1's, as reduce does
+                np.add(plan.mine[0], plan.mine[1], out=part)
             else:
-                self._raw_reduce_scatter(blocks, part)
-            if axis:
-                np.copyto(out, np.moveaxis(part, 0, axis))
-            return out
-        return self._collective(("reduce_scatter", axis, x.dtype, x.shape), x.nbytes, run,
-                                blocks)
+                np.add.reduce(plan.mine, axis=0, out=part)
+        elif plan.half:                                # in float32, rounded once
+            wide = np.empty(part.shape, np.float32)
+            self._raw_reduce_scatter(blocks.astype(np.float32), wide)
+            np.copyto(part, wide, casting="unsafe")
+        else:
+            self._raw_reduce_scatter(blocks, part)
+        if axis:
+            np.copyto(out, np.moveaxis(part, 0, axis))
+        _end(event)
+        return out
 
     def broadcast(self, x: np.ndarray, root: int = 0, out: np.ndarray | None = None
                   ) -> np.ndarray:
@@ -371,18 +421,17 @@ class Comm:
         self._check_rank(root, "root")
         x = as_message(x)
         out = np.empty_like(x) if out is None else _check_out(out, x.shape, x.dtype, "broadcast")
-
-        def run(arr):
-            if arr.inline:
-                np.copyto(out.reshape(-1), arr.rows(x.dtype, x.size)[root])
-            else:
-                self._raw_broadcast(x, root, out)
-            return out
-        return self._collective(("broadcast", root, x.dtype, x.shape), x.nbytes, run, x)
+        plan, event, _ = self._begin(("broadcast", root, x.dtype, x.shape), x.nbytes, x)
+        if plan.rows is not None:                      # it rode in the arrival
+            np.copyto(out, plan.parts[root])
+        else:
+            self._raw_broadcast(x, root, out)
+        _end(event)
+        return out
 
     def barrier(self) -> None:
         """Every member has arrived (the arrival exchange is the barrier)."""
-        self._collective(("barrier", 0, None, ()), 0, lambda arr: None)
+        _end(self._begin(("barrier", 0, None, ()), 0)[1])
 
     def all_to_all(self, x: np.ndarray, send_counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Uneven all-to-all along axis 0: rows ``[sum(c[:i]), sum(c[:i+1]))`` of ``x``
@@ -399,14 +448,14 @@ class Comm:
         if x.ndim == 0 or sum(c) != x.shape[0]:
             raise ValueError(f"all_to_all: send_counts sum to {sum(c)} but x has "
                              f"shape {x.shape}")
-
-        def run(arr):
-            recv_counts = (np.ascontiguousarray(arr.rows(np.int64, self.size)[:, self.rank])
-                           if arr.inline else self._raw_all_to_all_counts(counts))
-            return self._raw_all_to_all(x, counts, recv_counts), recv_counts
         # n = the bytes one rank holds; members may differ, the collective lasts for the largest
-        return self._collective(("all_to_all", 0, x.dtype, (-1,) + x.shape[1:]), x.nbytes, run,
-                                counts)
+        plan, event, _ = self._begin(("all_to_all", 0, x.dtype, (-1,) + x.shape[1:]), x.nbytes,
+                                     counts)
+        recv_counts = (plan.rows[:, self.rank].copy() if plan.rows is not None
+                       else self._raw_all_to_all_counts(counts))
+        received = self._raw_all_to_all(x, counts, recv_counts)
+        _end(event)
+        return received, recv_counts
 
     # ====================================================== point-to-point
     def send(self, x: np.ndarray, dst: int, tag: int = 0) -> None:
@@ -421,21 +470,18 @@ class Comm:
         self._check_rank(dst, "dst")
         self._check_tag(tag)
         x = as_message(x)
-        env = np.zeros(_ENVELOPE_LEN)
-        env[0] = self.tracer.clock.now
-        env[1] = DTYPES.index(x.dtype)
-        env[2] = x.ndim
-        env[3:3 + x.ndim] = x.shape
-        wall0 = time.perf_counter()
-        h_env = self._raw_isend(env, dst, tag, meta=True)
-        h_data = self._raw_isend(x, dst, tag, meta=False)
         now = self.tracer.clock.now
+        env = np.zeros(_ENVELOPE_LEN)                  # [send time, dtype code, ndim, dims...]
+        _ENVELOPE_HEAD[x.ndim].pack_into(env, 0, now, _DTYPE_CODE[x.dtype], x.ndim, *x.shape)
+        wall0 = time.perf_counter()
+        h_env = self._raw_isend(env, dst, tag, True)
+        h_data = self._raw_isend(x, dst, tag, False)
 
         def finish():
             self._raw_wait(h_env)
             self._raw_wait(h_data)
-            self.tracer.add("comm", "send", wall0, time.perf_counter(), now, now,
-                            nbytes=x.nbytes, group=self.name, args={"dst": dst, "tag": tag})
+            self.tracer.add("comm", "send", wall0, time.perf_counter(), now, now, x.nbytes, 0.0,
+                            self.name, {"dst": dst, "tag": tag})
         return Request(finish)
 
     def irecv(self, shape: Sequence[int], dtype, src: int, tag: int = 0) -> Request:
@@ -443,37 +489,36 @@ class Comm:
         self._check_rank(src, "src")
         self._check_tag(tag)
         try:
-            shape = tuple(int(d) for d in shape)
+            shape = tuple(map(int, shape))
         except TypeError:
             raise TypeError(f"recv: shape must be a sequence of integers, got {shape!r}") from None
-        if any(d < 0 for d in shape):
+        if shape and min(shape) < 0:
             raise ValueError(f"recv: negative dimension in shape {shape}")
         dtype = np.dtype(dtype)
-        if dtype not in DTYPES:
+        if dtype not in _DTYPE_CODE:
             raise TypeError(f"unsupported dtype {dtype}")
         buf = np.empty(shape, dtype)
         env = np.empty(_ENVELOPE_LEN)
-        h_env = self._raw_irecv(env, src, tag, meta=True)
-        h_data = self._raw_irecv(buf, src, tag, meta=False)
+        h_env = self._raw_irecv(env, src, tag, True)
+        h_data = self._raw_irecv(buf, src, tag, False)
 
         def finish():
             wall0 = time.perf_counter()
             self._raw_wait(h_env)
-            got_dtype = DTYPES[int(env[1])]
-            got_shape = tuple(int(d) for d in env[3:3 + int(env[2])])
+            sent_at, code, ndim, *dims = _ENVELOPE.unpack_from(env)
+            got_dtype, got_shape = DTYPES[int(code)], tuple(map(int, dims[:int(ndim)]))
             if got_shape != shape or got_dtype != dtype:
                 raise ValueError(f"{self.name} rank {self.rank}: recv from rank {src} (tag {tag}) "
                                  f"expected {shape} {dtype}, but the sender sent {got_shape} "
                                  f"{got_dtype}")
             self._raw_wait(h_data)
             t = self.tracer
-            sent_at = float(env[0])
             arrival = t.clock.arrival(sent_at, buf.nbytes, self._link_to(src))
             t.wait_until(sent_at, "wait recv")         # idle: not sent before sent_at
             start = t.clock.now
             t.clock.idle_until(arrival)                # in transfer (a comm event)
-            t.add("comm", "recv", wall0, time.perf_counter(), start, t.clock.now,
-                  nbytes=buf.nbytes, group=self.name, args={"src": src, "tag": tag})
+            t.add("comm", "recv", wall0, time.perf_counter(), start, t.clock.now, buf.nbytes,
+                  0.0, self.name, {"src": src, "tag": tag})
             return buf
         return Request(finish)
 
@@ -482,8 +527,10 @@ class Comm:
         """Sub-communicator of the ranks passing the same ``color``, ordered by
         ``(key, rank)``.  Every rank of this group must call it."""
         pair = np.array([color, key], dtype=np.int64)
-        table = self._arrive(("split", 0, None, ()), 0.0, 0, payload=pair).rows(np.int64, 2)
-        members = sorted((int(k), r) for r, (c, k) in enumerate(table) if c == color)
+        plan = self._plan(("split", 0, None, ()), pair)
+        self._arrive(plan, 0.0, 0, 0.0, pair)
+        table = plan.rows.tolist()                     # every rank's (color, key)
+        members = sorted((k, r) for r, (c, k) in enumerate(table) if c == color)
         ranks = [r for _, r in members]
         new_rank = ranks.index(self.rank)
         world_ranks = [self.world_ranks[r] for r in ranks]
@@ -493,13 +540,13 @@ class Comm:
     def gather_objects(self, obj) -> list:
         """Every rank's Python object, on every rank.  Cold path only (pickles
         under MPI): traces and results at the end of a run."""
-        self._arrive(("gather_objects", 0, None, ()), 0.0, 0)
+        self._arrive(self._plan(("gather_objects", 0, None, ())), 0.0, 0)
         return self._raw_gather_objects(obj)
 
     def _gather_results(self, obj) -> list:
         """``gather_objects`` at the end of ``run``: a rank meeting it while
         others are still in a collective is reported as finished."""
-        self._arrive(("gather_objects", 1, None, ()), 0.0, 0)
+        self._arrive(self._plan(("gather_objects", 1, None, ())), 0.0, 0)
         return self._raw_gather_objects(obj)
 
     def agree(self, what: str, value: Any) -> Any:
@@ -526,23 +573,36 @@ class Comm:
                     f"checksum {digest.hexdigest()[:8]})"
         else:
             text = shown = repr(value)
-        self._arrive(("agree", str(what), text, shown), 0.0, 0)
+        sig = ("agree", str(what), text, shown)         # values vary: not remembered
+        self._arrive(_Plan(sig, self._fingerprint(sig), None, self._record, self._table), 0.0, 0)
         return value
 
     # ============================================================= helpers
     def _check_rank(self, r: int, what: str) -> None:
+        if type(r) is int and 0 <= r < self.size:      # the common case, first
+            return
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r < self.size:
             raise ValueError(f"{what}={r!r} is not a rank of {self.name} (size {self.size})")
 
     @staticmethod
     def _check_tag(tag: int) -> None:
+        if type(tag) is int and 0 <= tag <= MAX_TAG:   # the common case, first
+            return
         if isinstance(tag, bool) or not isinstance(tag, (int, np.integer)) \
                 or not 0 <= tag <= MAX_TAG:
             raise ValueError(f"tag={tag!r} must be an integer in [0, {MAX_TAG}] "
                              "(the range every MPI guarantees)")
 
     def _link_to(self, peer: int) -> sim.LinkSpec:
-        return self.tracer.cluster.link((self.world_ranks[self.rank], self.world_ranks[peer]))
+        """The link to ``peer`` (looked up once per peer and cluster)."""
+        cluster = self.tracer.clock.cluster
+        if self._peer_links_for is not cluster:
+            self._peer_links, self._peer_links_for = {}, cluster
+        link = self._peer_links.get(peer)
+        if link is None:
+            link = self._peer_links[peer] = cluster.link((self.world_ranks[self.rank],
+                                                          self.world_ranks[peer]))
+        return link
 
     @staticmethod
     def _fingerprint(sig: tuple) -> int:
@@ -570,26 +630,52 @@ class Comm:
         value = REDUCE_OPS[arg] if label == "op" else arg
         return f"{kind} {label}={value} {dtype} {tuple(shape)}"
 
-    def _arrive(self, sig: tuple, now: float, nbytes: int, flag: float = 0.0,
-                payload: np.ndarray | None = None) -> "Arrival":
+    def _plan(self, sig: tuple, payload: np.ndarray | None = None) -> _Plan:
+        """The :class:`_Plan` of a call signature ``(kind, arg, dtype, shape)``:
+        made at its first call (``payload``: the message that may ride along),
+        then looked up.  At most ``_MAX_PLANS`` are kept (forgotten all at once)."""
+        plan = self._plans.get(sig)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[sig] = _Plan(sig, self._fingerprint(sig), payload,
+                                            self._record, self._table)
+        return plan
+
+    def _duration(self, plan: _Plan, nbytes: int) -> float:
+        """The simulated α-β cost of ``plan``'s collective moving ``nbytes``,
+        priced once per cluster and size (the cluster may change between calls)."""
+        cluster = self.tracer.clock.cluster
+        if plan.cluster is not cluster or plan.nbytes != nbytes:
+            plan.cluster, plan.nbytes = cluster, nbytes
+            plan.duration = sim.collective_time(plan.priced_as, nbytes, self.size, self.link)
+        return plan.duration
+
+    def _arrive(self, plan: _Plan, now: float, nbytes: int, flag: float = 0.0,
+                payload: np.ndarray | None = None) -> tuple[float, int, bool]:
         """The arrival exchange (module docstring): every rank's record
         ``[now, nbytes, flag, h, -h | payload]``, all-gathered.  ``payload``
-        rides along if it has at most ``INLINE_BYTES``.  If the fingerprints
-        ``h`` differ, every rank raises the same ValueError."""
-        inline = payload is not None and payload.nbytes <= INLINE_BYTES
-        h = self._fingerprint(sig)
+        rides along if ``plan`` says so (at most ``INLINE_BYTES``; every rank's
+        copy is then in ``plan.rows``).  Returns when the collective starts (the
+        latest member's ``now``), the largest member's bytes and whether a
+        member flagged a NaN.  If the fingerprints ``h`` differ, every rank
+        raises the same ValueError."""
+        h = plan.h
         _HEAD_STRUCT.pack_into(self._record, 0, now, nbytes, flag, h, -h)
-        if inline:
-            self._record_bytes[8 * _HEAD:8 * _HEAD + payload.nbytes] = \
-                payload.reshape(-1).view(np.uint8)
-        if self.size == 1:
-            return Arrival(now, nbytes, False, self._record[None] if inline else None)
-        table = self._raw_arrive(self._record, sig)
-        heads = [_HEAD_STRUCT.unpack_from(table, 8 * _RECORD * r) for r in range(self.size)]
-        times, sizes, flags, hs, _ = zip(*heads)
-        if min(hs) != max(hs):
-            self._disagree(sig)
-        return Arrival(max(times), int(max(sizes)), any(flags), table if inline else None)
+        if plan.send is not None:
+            plan.send[...] = payload                   # the message rides along
+        if self.size == 1:                             # a group of one: nothing to exchange
+            return now, nbytes, False
+        self._raw_arrive(self._record, self._table, plan.sig)
+        heads = self._heads.unpack_from(self._table)   # time, bytes, flag, h of rank 0, 1, ...
+        if self.size == 2:                             # the common pair: compare, no loops
+            t0, n0, f0, h0, t1, n1, f1, h1 = heads
+            if h0 != h1:
+                self._disagree(plan.sig)
+            return (t1 if t1 > t0 else t0), int(n1 if n1 > n0 else n0), f0 + f1 > 0
+        if heads[3::4].count(h) != self.size:
+            self._disagree(plan.sig)
+        return max(heads[0::4]), int(max(heads[1::4])), any(heads[2::4])
 
     def _disagree(self, sig: tuple) -> None:
         """Cold path: every rank's call in words, then the same error everywhere."""
@@ -601,38 +687,38 @@ class Comm:
         raise ValueError(f"ranks of {self.name} disagree in a collective call: "
                          + _group_ranks([d for _, _, d in table]))
 
-    def _collective(self, sig: tuple, nbytes: int, run, payload: np.ndarray | None = None,
-                    flag: float = 0.0):
-        """Simulated clock + tracer around one collective (DESIGN.md §4).
+    def _begin(self, sig: tuple, nbytes: int, payload: np.ndarray | None = None,
+               flag: float = 0.0) -> tuple[_Plan, Any, bool]:
+        """The start of a collective (DESIGN.md §4), before its data moves.
 
         The arrival exchange first (see the module docstring): the collective
-        starts at the latest member's time, lasts as long as its largest
-        member's message, and runs only if every member makes the same call.
-        Backends wait politely there, so a message too large to ride along
-        moves with everyone present.  ``run(arrival)`` returns the result."""
-        kind, t = sig[0], self.tracer
+        starts at the latest member's time, lasts its largest member's α-β
+        cost, and goes on only if every member makes the same call.  Backends
+        wait politely there, so a message too large to ride along moves with
+        everyone present.  Returns the call's :class:`_Plan` (``plan.rows``:
+        every rank's message, if it rode along), its trace event (closed by
+        :func:`_end` once the data has moved) and whether a member flagged a NaN."""
+        plan = self._plan(sig, payload)
+        t = self.tracer
+        clock = t.clock
         wall0 = time.perf_counter()
-        arr = self._arrive(sig, t.clock.now, nbytes, flag, payload)
-        if arr.start > t.clock.now:
-            t.wait_until(arr.start, "wait " + kind)
+        start, nbytes, nan = self._arrive(plan, clock.now, nbytes, flag, payload)
+        if start > clock.now:
+            t.wait_until(start, plan.wait_name)
         # bookkeeping before the data moves: Python right after a large
         # transfer runs with cold caches (~10x slower on this machine)
-        start, end = t.clock.collective(kind, arr.nbytes, self.size, self.link, arr.start)
-        event = t.add("comm", kind, wall0, wall0, start, end, nbytes=arr.nbytes,
-                      group=self.name, args={"size": self.size})
-        out = run(arr)
-        if event is not None:
-            event.wall_end = time.perf_counter()
-        return out
+        start, end = clock.collective(start, self._duration(plan, nbytes))
+        event = t.add("comm", plan.kind, wall0, wall0, start, end, nbytes, 0.0, self.name,
+                      {"size": self.size})
+        return plan, event, nan
 
     # ============================================== backend primitives
-    def _raw_arrive(self, record: np.ndarray, sig: tuple) -> np.ndarray:
-        """All-gather every member's arrival ``record`` (``_RECORD`` float64):
-        shape ``(size, _RECORD)``.  Every member must arrive before a
-        collective's data moves; backends wait here politely (``sig``, the
-        call, names what this rank waits in if it never ends)."""
+    def _raw_arrive(self, record: np.ndarray, table: np.ndarray, sig: tuple) -> None:
+        """All-gather every member's arrival ``record`` (``_RECORD`` float64)
+        into ``table``, shape ``(size, _RECORD)``.  Every member must arrive
+        before a collective's data moves; backends wait here politely (``sig``,
+        the call, names what this rank waits in if it never ends)."""
         raise NotImplementedError
-
 
     def _raw_all_reduce(self, x: np.ndarray, op: str, out: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -100,8 +100,10 @@ class MPIComm(Comm):
         super().__init__(rank, size, world_ranks, tracer, name, check)
         self._c = mpi_comm
         self._meta = mpi_comm.Dup()          # envelopes travel on their own channel
-        self._table = np.empty((size, len(self._record)))   # every rank's arrival record
         self.polite = polite_default(mpi_comm) if polite is None else polite
+        # what this rank waits in, for the watchdog's report (set by _raw_arrive)
+        self._sig: tuple = ("barrier", 0, None, ())
+        self._what = lambda: f"{self._describe(self._sig)} on {self.name}"
 
     def _wait(self, req, what) -> None:
         """Wait for a request; ``what()`` describes the wait for the watchdog's
@@ -132,20 +134,19 @@ class MPIComm(Comm):
     # that follows is blocking, since every member is already there.  (MPICH's
     # non-blocking collectives progress only inside Test calls: measured 10-20x
     # slower than the blocking ones with 4 ranks on 2 cores.)
-    def _raw_arrive(self, record, sig):
-        table, what = self._table, lambda: f"{self._describe(sig)} on {self.name}"
+    def _raw_arrive(self, record, table, sig):
+        self._sig = sig
         if self.polite:
-            self._wait(self._c.Iallgather(record, table), what)
-            return table
+            self._wait(self._c.Iallgather(record, table), self._what)
+            return
         job = _JOB
         if job is not None:                  # the watchdog thread watches this wait
-            job.pending, job.since = what, time.perf_counter()
+            job.pending, job.since = self._what, time.perf_counter()
         try:
             self._c.Allgather(record, table)
         finally:
             if job is not None:
                 job.pending = None
-        return table
 
     def _raw_all_reduce(self, x, op, out):
         self._c.Allreduce(_op("in_place") if out is x else x, out, op=_op(op))

@@ -226,9 +226,9 @@ class ThreadComm(Comm):
         return self._group.exchange(self.rank, obj, self._what, self.name, read)
 
     # ---------------------------------------------------------- collectives
-    def _raw_arrive(self, record, sig):
+    def _raw_arrive(self, record, table, sig):
         self._sig = sig
-        return self._exchange(record, np.stack)
+        self._exchange(record, lambda records: np.stack(records, out=table))
 
     def _raw_all_reduce(self, x, op, out):
         parts = self._group.exchange_begin(self.rank, x, self._what, self.name)
