@@ -30,6 +30,7 @@ from .. import trace
 from . import functional as F
 from . import kernels as K
 from .module import Module, frozen
+from .precision import add_
 
 INIT_STD = 0.02
 
@@ -68,7 +69,7 @@ class Linear(Module):
             self._save(key, copy={"dy": dy}, slot="W", x=x)     # x: already our copy
             return F.linear_backward_input(dy, self.params["W"])
         dx, dW, db = F.linear_backward(dy, x, self.params["W"])
-        self.grads["W"] += dW
+        add_(self.grads["W"], dW)                # grads += dW (16 bits: rounded once)
         if "b" in self.params:
             self.grads["b"] += db
         return dx
@@ -77,7 +78,7 @@ class Linear(Module):
         """``dW = xᵀ dy``, ``db = Σ dy`` left by a deferred backward of ``key``."""
         s = self._pop(key, slot="W")
         dW, db = F.linear_backward_weight(s["dy"], s["x"])
-        self.grads["W"] += dW
+        add_(self.grads["W"], dW)                # grads += dW (16 bits: rounded once)
         if "b" in self.params:
             self.grads["b"] += db
 
@@ -221,9 +222,9 @@ class TransformerBlock(Module):
 
     def _forward(self, x, key):
         x1 = self.attn.forward(frozen(self.ln1.forward(x, key)), key)
-        x1 += x
+        add_(x1, x)                             # the residual x1 += x
         y = self.mlp.forward(frozen(self.ln2.forward(x1, key)), key)
-        y += x1
+        add_(y, x1)
         return y
 
     def backward_pass(self, dy, key=0, *, weights=True):
@@ -237,9 +238,9 @@ class TransformerBlock(Module):
         w = weights
         with trace.compute(name, flops=flops):
             dx1 = self.ln2.backward_pass(self.mlp.backward_pass(dy, key, weights=w), key)
-            dx1 += dy
+            add_(dx1, dy)
             dx = self.ln1.backward_pass(self.attn.backward_pass(dx1, key, weights=w), key)
-            dx += dx1
+            add_(dx, dx1)
         return dx
 
     def backward_weights(self, key=0) -> None:

@@ -110,7 +110,10 @@ def test_round_fp16_warns_on_overflow_like_numpy_and_only_then():
         P.round_fp16(np.array([65519.0, -0.0, 1e-30, np.inf, np.nan], np.float32))
 
 
-def test_widen_is_numpys_cast_for_all_65536_float16_patterns():
+@pytest.mark.parametrize("block", [None, 7, 1000])
+def test_widen_is_numpys_cast_for_all_65536_float16_patterns(block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(P, "_BLOCK16", block)
     h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
     want = h.astype(np.float32).view(np.uint32)
     assert np.array_equal(P.widen(h).view(np.uint32), want)
@@ -119,8 +122,21 @@ def test_widen_is_numpys_cast_for_all_65536_float16_patterns():
     h2 = h.reshape(256, 256)
     assert np.array_equal(P.widen(h2.T).view(np.uint32), want.reshape(256, 256).T)
     assert P.widen(h[5:6].reshape(())).shape == ()
+    o = np.zeros((256, 256), np.float32).T                  # strided out: NumPy's cast
+    assert P.widen(h2, o) is o and np.array_equal(o.view(np.uint32), want.reshape(256, 256))
     b = np.array([1.5, -3.0], P.BF16)
     assert np.array_equal(P.widen(b), b.astype(np.float32))
+
+
+def test_negative_control_widen_without_clearing_the_sign_copies_fails():
+    """The same passes without ``&= ~0x70000000``: every negative number is wrong,
+    and the test above would see it."""
+    h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    with np.errstate(all="ignore"):
+        w = (h.view(np.int16).astype(np.int32) << 13).view(np.float32) * P._SCALE_UP
+    wrong = w.view(np.uint32) != h.astype(np.float32).view(np.uint32)
+    assert wrong[np.signbit(h) & np.isfinite(h)].all() and not wrong[~np.signbit(h)
+                                                                      & np.isfinite(h)].any()
 
 
 def test_gelu_backward_with_out_returns_the_callers_buffer_rounded_once():
@@ -191,3 +207,60 @@ def exhaustive() -> None:
 
 if __name__ == "__main__":
     exhaustive()
+
+
+def _sixteen_bit_pairs(dtype, seed: int = 0):
+    """Every 16-bit pattern as ``acc`` against a shuffled copy as ``x`` (both
+    signs of zero, subnormals, the largest finite values, inf, NaNs), plus
+    random pairs."""
+    rng = np.random.default_rng(seed)
+    every = np.arange(1 << 16, dtype=np.uint16)
+    a = np.concatenate([every, rng.integers(0, 1 << 16, 1 << 16, dtype=np.uint16)])
+    b = np.concatenate([rng.permutation(every), every])
+    return a.view(dtype), b.view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [P.FP16, P.BF16], ids=["fp16", "bf16"])
+def test_add_is_numpys_16_bit_add_bit_for_bit(dtype):
+    """Every bit but NaN payloads (NumPy's float16 add picks another NaN's)."""
+    a, b = _sixteen_bit_pairs(dtype)
+    with np.errstate(all="ignore"):
+        want = (a + b).view(np.uint16)
+        got = P.add_(a.copy(), b)
+    nan = np.isnan(want.view(dtype))
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got.view(np.uint16)[~nan], want[~nan])
+    acc = a.copy()
+    with np.errstate(all="ignore"):
+        assert P.add_(acc, b) is acc                    # in place
+    assert np.array_equal(acc.view(np.uint16)[~nan], want[~nan])
+
+
+@pytest.mark.parametrize("dtype", [P.FP16, P.BF16], ids=["fp16", "bf16"])
+def test_add_into_zeros_takes_x_with_minus_zero_made_plus_zero(dtype):
+    _, b = _sixteen_bit_pairs(dtype)
+    with np.errstate(all="ignore"):
+        want = (np.zeros_like(b) + b).view(np.uint16)
+    nan = np.isnan(b)
+    with np.errstate(all="ignore"):
+        got = P.add_(np.zeros_like(b), b).view(np.uint16)
+    assert np.array_equal(got[~nan], want[~nan]) and np.isnan(got.view(dtype)[nan]).all()
+    # negative control: copying x alone keeps -0, which NumPy's 0 + (-0) does not
+    assert not np.array_equal(b.copy().view(np.uint16)[~nan], want[~nan])
+    acc = np.zeros_like(b)
+    acc[5] = 1                                          # not all zeros: the general path
+    with np.errstate(all="ignore"):
+        want = (acc + b).view(np.uint16)
+        got = P.add_(acc, b).view(np.uint16)
+    assert np.array_equal(got[~nan], want[~nan])
+
+
+def test_add_falls_back_to_numpy_for_other_dtypes_and_layouts():
+    x = np.arange(12.0).reshape(3, 4)
+    acc = np.ones((3, 4))
+    assert P.add_(acc, x) is acc and np.array_equal(acc, 1 + x)
+    h = np.arange(24, dtype=np.float16).reshape(4, 6)
+    t = np.ones((6, 4), np.float16).T                   # a strided view: NumPy's own add
+    assert P.add_(t, h) is t and np.array_equal(t, h + np.float16(1))
+    z = np.zeros(4, np.float16)
+    assert np.array_equal(P.add_(z, np.float32([1, 2, 3, 4])), [1, 2, 3, 4])    # mixed dtypes

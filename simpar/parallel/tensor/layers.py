@@ -31,7 +31,7 @@ from ... import trace
 from ...comm import Comm
 from ...nn import Linear, Module
 from ...nn import functional as F
-from ...nn.precision import acc_dtype
+from ...nn.precision import acc_dtype, add_
 from .mappings import (allreduce_sequence_parallel_grads, copy_to_tp_region,
                        copy_to_tp_region_backward, gather_from_sp_region,
                        gather_from_sp_region_backward, gather_from_tp_region,
@@ -373,7 +373,7 @@ def _linear_backward(m: TensorParallelModule, dy, x, key, weights: bool, bias: b
         return dx
     with trace.compute(f"{m.trace_name}.backward", flops=2 * fl):
         dx, dW, db = F.linear_backward(dy, x, m.params["W"])
-        m.grads["W"] += dW
+        add_(m.grads["W"], dW)                   # grads += dW (16 bits: rounded once)
         if bias and "b" in m.params:
             m.grads["b"] += db
     return dx
@@ -384,6 +384,6 @@ def _linear_backward_weights(m: TensorParallelModule, key, bias: bool = True) ->
     s = m._pop(key, slot="W")
     with trace.compute(f"{m.trace_name}.backward_weights", flops=m._flops(s["x"])):
         dW, db = F.linear_backward_weight(s["dy"], s["x"])
-        m.grads["W"] += dW
+        add_(m.grads["W"], dW)                   # grads += dW (16 bits: rounded once)
         if bias and "b" in m.params:
             m.grads["b"] += db
