@@ -586,7 +586,8 @@ def main(argv=None) -> dict:
                  os.path.join(args.out, "train_loss.png"))
         viz.save(viz.timeline([e for r in out["events"] for e in r], f"last step, {label}"),
                  os.path.join(args.out, "train_timeline.png"))
-        print(f"{label}: final loss {np.mean(out['loss'][-10:]):.4f}, "
+        last = out["loss"][-10:]
+        print(f"{label}: final loss {np.mean(last):.4f} (mean of the last {len(last)} steps), "
               f"{out['tokens_per_s']:.0f} tokens/s, simulated step "
               f"{out['sim_step'][-1] * 1e3:.3f} ms; figures in {args.out}/")
     return out

@@ -60,7 +60,7 @@ def precision_runs(steps: int) -> dict:
         out[label] = simpar.launch(job, 1)[0]
         r = out[label]
         below = np.mean([z + s for z, s in r["zero_grads"]])
-        print(f"{label:22s} final loss {np.mean(r['loss'][-10:]):.4f} | "
+        print(f"{label:22s} loss (mean of the last 10 steps) {np.mean(r['loss'][-10:]):.4f} | "
               f"{r['bytes_per_param']:.0f} bytes/param | gradients below the normal range "
               f"{below:6.2%} | skipped {r['skipped']} | loss scale {r['loss_scale']:g}",
               flush=True)
