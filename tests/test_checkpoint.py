@@ -325,3 +325,17 @@ def test_params_only_checkpoint_from_cp2xdp2_holds_each_element_once(tmp_path):
     sd = ck.checkpoint_state_dict(tmp_path)              # coverage checked: once each
     ref = make_reference(lay).state_dict()
     assert set(sd) == set(ref) and worst(compare(sd, ref)) == 0.0
+
+
+def test_moe_at_cp2xdp2xep2_zero1_resumes_without_cp(tmp_path):
+    """An MoE GPT under context parallelism (every cp rank holds the same MoE
+    layers: only cp rank 0 writes them) reloads at dp2×ep2 (ZeRO-2) and dp2
+    (one rank holding every expert): the routing groups (dp·m) are unchanged."""
+    kw = dict(steps=4, moe_experts=4, moe_k=2)
+    full, params = simpar.launch(lambda c: run(c, P(cp=2, dp=2, ep=2), 1, save=str(tmp_path),
+                                               save_every=2, **kw), 4)[0]
+    step2 = str(tmp_path / "step-00000002")
+    for layout, zero in ((P(dp=2, ep=2), 2), (P(dp=2), 0)):
+        got = simpar.launch(lambda c: run(c, layout, zero, resume=step2, **kw),
+                            layout.world_size)[0]
+        _resumed_equal(got, (full[2:], params), same=False)

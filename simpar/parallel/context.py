@@ -63,9 +63,11 @@ from ..nn.blockwise import (DEFAULT_BLOCK, attention_tiles_backward, blockwise_a
                             online_softmax_init, online_softmax_update)
 from ..nn.functional import merge_heads, split_heads
 from ..nn.module import frozen
+from .sequence import all_gather_sequence, chunk_positions, gather_sequence, own_chunks
 from .tensor.layers import TensorParallelModule
 
 __all__ = ["SCHEMES", "check_context", "chunk_positions", "shard_sequence", "gather_sequence",
+           "all_gather_sequence", "own_chunks",
            "ring_attention_forward", "ring_attention_backward", "seq_to_heads", "heads_to_seq",
            "ulysses_attention_forward", "ulysses_attention_backward", "ring_overlap",
            "ContextParallelAttention", "use_context_parallel"]
@@ -94,37 +96,12 @@ def check_context(seq: int, cp: int, scheme: str = "ring", balanced: bool = True
                          f"tensor-parallel rank) is not divisible by cp={cp}")
 
 
-def chunk_positions(seq: int, cp: int, rank: int, balanced: bool = True) -> np.ndarray:
-    """Sequence positions held by ``rank``: chunks ``rank`` and ``2cp−1−rank`` of
-    ``2cp`` (balanced), or the ``rank``-th of ``cp`` contiguous shards."""
-    if balanced:
-        c = seq // (2 * cp)
-        return np.concatenate([np.arange(rank * c, (rank + 1) * c),
-                               np.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)])
-    c = seq // cp
-    return np.arange(rank * c, (rank + 1) * c)
-
-
 def shard_sequence(x: np.ndarray, cp: int, rank: int, balanced: bool = True,
                    axis: int = 1) -> np.ndarray:
     """This rank's tokens of ``x`` along ``axis`` (a copy), after the checks of
     :func:`check_context`."""
     check_context(x.shape[axis], cp, "ring", balanced)
     return np.take(x, chunk_positions(x.shape[axis], cp, rank, balanced), axis=axis)
-
-
-def gather_sequence(parts, balanced: bool = True, axis: int = 1) -> np.ndarray:
-    """Inverse of :func:`shard_sequence`: every rank's part (rank order) → the whole."""
-    cp = len(parts)
-    seq = parts[0].shape[axis] * cp
-    shape = list(parts[0].shape)
-    shape[axis] = seq
-    out = np.empty(shape, dtype=parts[0].dtype)
-    for r, p in enumerate(parts):
-        idx = [slice(None)] * out.ndim
-        idx[axis] = chunk_positions(seq, cp, r, balanced)
-        out[tuple(idx)] = p
-    return out
 
 
 # ------------------------------------------------------------- ring attention

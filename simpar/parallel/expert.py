@@ -48,6 +48,17 @@ Pitfalls this layout avoids: an auxiliary loss whose gradient is silently
 dropped (tested: it reaches the router), or scaled by the wrong group size
 (``1/ep`` here, matching the reference's mean over groups).
 
+**Under context parallelism** (:meth:`ExpertParallelMoE.use_context_parallel`) a
+routing group is the whole sequence of the ``cp`` ranks' micro-batch, as in the
+reference: the layer all-gathers its input over ``cp`` (sequence order), runs on
+the whole group — the same router, capacity queue and auxiliary losses on every
+cp rank — and keeps this rank's chunks of the output.  Its backward all-gathers
+``dy`` (each position's gradient lives on one rank) and keeps this rank's chunks
+of ``dx``; the layer's own gradients are then complete and equal on every cp
+rank, so they are not summed over ``cp``.  The price: ``cp``× the MoE compute
+and activations.  (Production frameworks route each cp rank's tokens
+separately, with their own capacity: cheaper, but not the reference's model.)
+
 Load statistics (this rank's tokens per expert, dropped fraction, auxiliary
 losses) are recorded as ``args["moe"]`` of the ``<name>.router.forward`` compute
 event, as in the reference.
@@ -60,6 +71,7 @@ from .. import trace
 from ..comm import Comm
 from ..nn.layers import MLP, Linear
 from ..nn.module import Module, frozen
+from .sequence import all_gather_sequence, own_chunks
 from ..nn.moe import (MoE, check_input, check_moe_config, expert_flops,
                       experts_backward_region, experts_backward_weights, route_groups,
                       router_backward, router_flops)
@@ -105,6 +117,11 @@ class ExpertParallelMoE(Module):
         self.experts = {e: self.add_child(f"experts.{e}", MLP(h, d_ff, rng=e, dtype=dtype))
                         for e in range(self.first, self.first + self.n_local)}
         self.stats: dict = {}
+        self.cp, self.cp_balanced = None, False       # use_context_parallel sets them
+
+    def use_context_parallel(self, cp: Comm, balanced: bool = True) -> None:
+        """Route the whole sequence of ``cp``'s ranks as one group (module docstring)."""
+        self.cp, self.cp_balanced = cp, bool(balanced)
 
     @classmethod
     def from_reference(cls, ref: MoE, comm: Comm, aux_scale: float | None = None
@@ -131,6 +148,12 @@ class ExpertParallelMoE(Module):
 
     # ----------------------------------------------------------- forward
     def forward(self, x, key=0):
+        if self.cp is None:
+            return self._forward(x, key)
+        y = self._forward(all_gather_sequence(x, self.cp, self.cp_balanced), key)
+        return own_chunks(y, self.cp, self.cp_balanced)
+
+    def _forward(self, x, key):
         check_input(x, self.h)
         X = x.reshape(-1, self.h)
         z, p, (r,) = route_groups(self, X, key, 1)     # my tokens: one GShard group
@@ -160,6 +183,12 @@ class ExpertParallelMoE(Module):
 
     # ---------------------------------------------------------- backward
     def backward_pass(self, dy, key=0, *, weights=True):
+        if self.cp is None:
+            return self._backward(dy, key, weights)
+        dx = self._backward(all_gather_sequence(dy, self.cp, self.cp_balanced), key, weights)
+        return own_chunks(dx, self.cp, self.cp_balanced)
+
+    def _backward(self, dy, key, weights):
         s = self._pop(key)
         X, tok, cho, r = s["X"], s["tok"], s["cho"], s["routing"]
         dY = dy.reshape(-1, self.h)
@@ -195,6 +224,7 @@ class ExpertParallelMoE(Module):
 
     def flops(self, batch: int, seq: int) -> float:
         """This rank's work with perfectly balanced routing and no dropping: its
-        experts then process ``k·T`` rows, as many as its own tokens make."""
-        T = batch * seq
+        experts then process ``k·T`` rows, as many as its own tokens make (under
+        context parallelism ``T`` is the whole group's, ``cp·batch·seq``)."""
+        T = batch * seq * (1 if self.cp is None else self.cp.size)    # cp: the whole group
         return router_flops(T, self.h, self.n_experts) + expert_flops(self, self.k * T)

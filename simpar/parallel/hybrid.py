@@ -27,7 +27,7 @@ LayerNorms, row biases, ``wpe``    ``tp`` under sequence         one all-reduce
 under sequence parallelism         parallelism (partial sums)
 tied ``wte`` with ``pp > 1``       the embedding group (first    one all-reduce
                                    and last stage)
-every parameter, with ``cp > 1``   ``dp × cp`` (``mesh.dp_cp``:  the dp buckets, over
+dense parameters, with ``cp > 1``  ``dp × cp`` (``mesh.dp_cp``:  the dp buckets, over
                                    context parallelism)          ``dp_cp`` instead
 =================================  ===========================  =================
 
@@ -38,7 +38,11 @@ embedding (its positions of ``wpe``) to the loss (its tokens, weighted by the
 global token count); the attention of every block is a
 :class:`~simpar.parallel.context.ContextParallelAttention` over ``mesh.cp``
 (option ``context_parallel="ring"`` or ``"ulysses"``).  The blocks are the
-tensor-parallel pieces (over a 1-rank tp group when ``tp = 1``).
+tensor-parallel pieces (over a 1-rank tp group when ``tp = 1``).  An MoE layer
+routes the whole sequence of its cp group as one routing group, as the reference
+does: it all-gathers its input over ``cp``, and its own gradients come out equal
+on every cp rank, so they are summed over ``edp`` only
+(:class:`~simpar.parallel.expert.ExpertParallelMoE`).
 
 The loss is the mean over the **global** token count, so these sums give exactly
 the single-device gradient.  MoE auxiliary losses: each (dp rank, micro-batch) is
@@ -103,7 +107,7 @@ def check_context_layout(reference: GPT, mesh_config, context_parallel: str = "r
                          seq: int | None = None) -> bool:
     """The context-parallel checks that need no message (sequence divisible by
     ``2·cp`` for the balanced ring or ``cp``, times ``tp`` under sequence
-    parallelism; heads per tp rank divisible by ``cp`` for Ulysses; no MoE).
+    parallelism; heads per tp rank divisible by ``cp`` for Ulysses).
     Returns whether the sequence is cut into load-balanced chunks."""
     c, cfg = reference.config, mesh_config
     if context_parallel not in SCHEMES:
@@ -116,9 +120,6 @@ def check_context_layout(reference: GPT, mesh_config, context_parallel: str = "r
     check_context(seq, cfg.cp, context_parallel, balanced, c.n_head // cfg.tp)
     if sequence_parallel and cfg.tp > 1:
         check_divisible(f"sequence length / cp = {seq} / {cfg.cp}", seq // cfg.cp, cfg.tp)
-    if isinstance(reference, MoEGPT):
-        raise ValueError("MoE layers with context parallelism are not supported: the "
-                         "router's capacity is counted per rank's tokens (use cp=1)")
     return balanced
 
 
@@ -296,6 +297,8 @@ class HybridModel:
         for st in self.stages.values():
             for block in st.blocks:
                 use_context_parallel(block, cp, scheme, balanced, tile)
+            for layer in st.moe_layers():        # a routing group: the whole sequence
+                layer.use_context_parallel(cp, balanced)
             if st.is_first:
                 st.model.cp_positions = \
                     lambda sl, P=cp.size: chunk_positions(sl * P, P, rank, balanced)
@@ -334,9 +337,10 @@ class HybridModel:
 
     def _global_loss(self, result: StepResult, groups: int, share: float) -> dict:
         """Cross-entropy (last stage) + auxiliary losses (every stage), counted
-        once per tp group, summed over the world."""
+        once per tp group (and per cp group: every cp rank routes the whole
+        sequence), summed over the world."""
         ce = result.loss * share if result.loss is not None else 0.0
-        aux = sum(result.aux_losses.values()) / groups
+        aux = sum(result.aux_losses.values()) / groups if self.mesh.coords.cp == 0 else 0.0
         mine = np.array([ce, aux]) if self.mesh.coords.tp == 0 else np.zeros(2)
         ce, aux = self.mesh.world.all_reduce(mine).tolist()
         return {"loss": ce + aux, "ce": ce, "aux": aux, "result": result}
@@ -351,7 +355,8 @@ class HybridModel:
     def counted_once(self, name: str, *, data_replicas: bool = True) -> bool:
         """Whether this rank counts (and saves) its elements of ``name`` once for
         the whole model — the one rule of the global norm and of checkpoints:
-        tp-replicated tensors on tp rank 0, routers on ep rank 0, a tied ``wte``
+        tp-replicated tensors on tp rank 0, routers on ep rank 0, MoE layers on
+        cp rank 0, a tied ``wte``
         on the first stage, and, with ``data_replicas``, rank 0 of
         :meth:`replicas` (ZeRO passes ``False``: its shard owner counts)."""
         key = (name, data_replicas)
@@ -360,6 +365,8 @@ class HybridModel:
             once = not (name == "wte" and 0 not in self.stages)
             if name.endswith("router.W") and name in self._expert_names():
                 once = once and c.ep == 0
+            if name in self._expert_names():      # MoE layers: equal on every cp rank
+                once = once and c.cp == 0
             if c.tp != 0:
                 once = once and name in set().union(*(st.tp_sharded()
                                                       for st in self.stages.values()))

@@ -26,6 +26,8 @@ CP_LAYOUTS = [
     Layout("cp2xpp2 ring", P(cp=2, pp=2), R, m=2),
     Layout("cp2xpp2 ulysses tied", P(cp=2, pp=2), U, tied=True),
     Layout("cp2xdp2xtp2 ring", P(cp=2, dp=2, tp=2), R),
+    Layout("moe cp2 ring", P(cp=2), R, moe=True),
+    Layout("moe cp2xdp2xep2 ulysses", P(cp=2, dp=2, ep=2), U, moe=True),
 ]
 # composed with the other options too (threads only, to keep the MPI runs short)
 CP_MORE = [
@@ -33,6 +35,10 @@ CP_MORE = [
     Layout("cp2xpp2 ring, zb-h1", P(cp=2, pp=2), {**R, "schedule": "zb-h1"}, m=4),
     Layout("cp2xpp2 ulysses, interleaved vpp2", P(cp=2, pp=2, vpp=2),
            {**U, "schedule": "interleaved"}),
+    Layout("moe cp2xpp2 ring, m=4", P(cp=2, pp=2), R, moe=True, m=4),
+    Layout("moe cp2xtp2 ring contiguous", P(cp=2, tp=2), {**R, "cp_balanced": False}, moe=True),
+    Layout("moe cp2 ring, full recompute, zb-h1 pp2", P(cp=2, pp=2),
+           {**R, "recompute": "full", "schedule": "zb-h1"}, moe=True, m=4),
 ]
 CP_BY_NAME = {lay.name: lay for lay in CP_LAYOUTS + CP_MORE}
 
@@ -43,7 +49,8 @@ BAD = {
     "heads not divisible by cp": (P(cp=4), U, {"n_head": 6, "d_model": 12},
                                   "n_head=6 (per tensor-parallel rank) is not divisible by cp=4"),
     "unknown scheme": (P(cp=2), {"context_parallel": "zigzag"}, {}, "'zigzag'"),
-    "moe with cp": (P(cp=2), R, {"moe": True}, "MoE layers with context parallelism"),
+    "moe with cp and SP": (P(cp=2, tp=2), {**R, "sequence_parallel": True}, {"moe": True},
+                           "MoE layers with sequence parallelism"),
     "ranks disagree on scheme": (P(cp=2), None, {}, "'ring'"),
     "ranks disagree on cp": (P(cp=2), R, {}, "cp=2"),
 }

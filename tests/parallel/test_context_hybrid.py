@@ -1,7 +1,8 @@
 """Context parallelism composed by the hybrid builder: cp2, cp2×tp2 (+SP),
-cp2×dp2, cp2×pp2, cp4 and cp2×dp2×tp2 equal the single-device reference over 20
-AdamW steps (float64, 1e-10) on threads and MPI; the gradient sum over cp is
-needed (negative control); bad layouts fail on every rank before any message;
+cp2×dp2, cp2×pp2, cp4, cp2×dp2×tp2 and MoE GPTs at cp2, cp2×dp2×ep2, cp2×pp2 and
+cp2×tp2 equal the single-device reference over 20 AdamW steps (float64, 1e-10)
+on threads and MPI; the gradient sum over cp and the MoE layer's whole-sequence
+routing group are needed (negative controls); bad layouts fail on every rank before any message;
 ``python -m simpar train --cp 2 --attention ring|ulysses``."""
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def test_cp_layout_equals_reference_threads(lay):
 
 # under MPI: cp2 (both schemes), cp4, and cp2 with each of tp, dp, pp (CI time)
 MPI_NAMES = ["cp2 ring", "cp2 ulysses", "cp2 ring contiguous, tile 3", "cp4 ring tied",
-             "cp2xtp2 ulysses", "cp2xtp2+SP ring", "cp2xdp2 ring", "cp2xpp2 ulysses tied"]
+             "cp2xtp2 ulysses", "cp2xtp2+SP ring", "cp2xdp2 ring", "cp2xpp2 ulysses tied",
+             "moe cp2 ring", "moe cp2xdp2xep2 ulysses"]
 MPI_RUNS = defaultdict(list)
 for _name in MPI_NAMES:
     MPI_RUNS[CP_BY_NAME[_name].world_size].append(_name)
@@ -62,6 +64,16 @@ def test_negative_control_without_the_cp_gradient_sum(monkeypatch):
     # patched once, here, not by each rank's thread: a rank that read another's
     # patch as "the original" would restore the patch, breaking later tests
     monkeypatch.setattr(hc, "build_model", build)
+    got = simpar.launch(lambda c: train_layout(c, lay), 2, timeout=120)[0]
+    assert worst(errors(got, reference_run(lay))) > 1e-6
+
+
+def test_negative_control_moe_routing_each_cp_ranks_tokens_alone(monkeypatch):
+    """Without the whole-sequence routing group (each cp rank routing its own
+    tokens, as production frameworks do) the MoE GPT is not the reference's."""
+    from simpar.parallel.expert import ExpertParallelMoE
+    lay = CP_BY_NAME["moe cp2 ring"]
+    monkeypatch.setattr(ExpertParallelMoE, "use_context_parallel", lambda *a, **k: None)
     got = simpar.launch(lambda c: train_layout(c, lay), 2, timeout=120)[0]
     assert worst(errors(got, reference_run(lay))) > 1e-6
 
