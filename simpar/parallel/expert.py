@@ -48,22 +48,25 @@ Pitfalls this layout avoids: an auxiliary loss whose gradient is silently
 dropped (tested: it reaches the router), or scaled by the wrong group size
 (``1/ep`` here, matching the reference's mean over groups).
 
-**Under context parallelism** (:meth:`ExpertParallelMoE.use_context_parallel`) a
-routing group is the whole sequence of the ``cp`` ranks' micro-batch, as in the
-reference: the layer all-gathers its input over ``cp`` (sequence order), runs on
-the whole group — the same router, capacity queue and auxiliary losses on every
-cp rank — and keeps this rank's chunks of the output.  Its backward all-gathers
-``dy`` (each position's gradient lives on one rank) and keeps this rank's chunks
-of ``dx``; the layer's own gradients are then complete and equal on every cp
-rank, so they are not summed over ``cp``.  The price: ``cp``× the MoE compute
-and activations.  (Production frameworks route each cp rank's tokens
-separately, with their own capacity: cheaper, but not the reference's model.)
+**Under sequence or context parallelism** (:meth:`ExpertParallelMoE.cut_sequence`)
+a rank holds a share of each sequence (over ``tp``, over ``cp``, or both), but a
+routing group is the whole sequence of the micro-batch, as in the reference: the
+layer all-gathers its input (sequence order), runs on the whole group — the same
+router, capacity queue and auxiliary losses on every rank of the cut — and keeps
+this rank's share of the output.  Its backward all-gathers ``dy`` (each
+position's gradient lives on one rank) and keeps this rank's share of ``dx``; the
+layer's own gradients are then complete and equal on every rank of the cut, so
+they are not summed over it.  The price: ``tp·cp``× the MoE compute and
+activations.  (Production frameworks route each rank's tokens separately, with
+their own capacity: cheaper, but not the reference's model.)
 
 Load statistics (this rank's tokens per expert, dropped fraction, auxiliary
 losses) are recorded as ``args["moe"]`` of the ``<name>.router.forward`` compute
 event, as in the reference.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -117,11 +120,14 @@ class ExpertParallelMoE(Module):
         self.experts = {e: self.add_child(f"experts.{e}", MLP(h, d_ff, rng=e, dtype=dtype))
                         for e in range(self.first, self.first + self.n_local)}
         self.stats: dict = {}
-        self.cp, self.cp_balanced = None, False       # use_context_parallel sets them
+        self.cuts: list[tuple[Comm, bool]] = []      # cut_sequence adds them
 
-    def use_context_parallel(self, cp: Comm, balanced: bool = True) -> None:
-        """Route the whole sequence of ``cp``'s ranks as one group (module docstring)."""
-        self.cp, self.cp_balanced = cp, bool(balanced)
+    def cut_sequence(self, comm: Comm, balanced: bool = False) -> None:
+        """The input is this rank's share of a sequence cut over ``comm`` —
+        contiguous over ``tp`` (sequence parallelism), load-balanced or contiguous
+        over ``cp`` (context parallelism); the layer routes the whole sequence as
+        one group (module docstring).  Innermost cut first: ``tp``, then ``cp``."""
+        self.cuts.append((comm, bool(balanced)))
 
     @classmethod
     def from_reference(cls, ref: MoE, comm: Comm, aux_scale: float | None = None
@@ -148,10 +154,12 @@ class ExpertParallelMoE(Module):
 
     # ----------------------------------------------------------- forward
     def forward(self, x, key=0):
-        if self.cp is None:
-            return self._forward(x, key)
-        y = self._forward(all_gather_sequence(x, self.cp, self.cp_balanced), key)
-        return own_chunks(y, self.cp, self.cp_balanced)
+        for comm, balanced in self.cuts:                 # the whole sequence
+            x = all_gather_sequence(x, comm, balanced)
+        y = self._forward(x, key)
+        for comm, balanced in reversed(self.cuts):       # this rank's share of it
+            y = own_chunks(y, comm, balanced)
+        return y
 
     def _forward(self, x, key):
         check_input(x, self.h)
@@ -183,10 +191,12 @@ class ExpertParallelMoE(Module):
 
     # ---------------------------------------------------------- backward
     def backward_pass(self, dy, key=0, *, weights=True):
-        if self.cp is None:
-            return self._backward(dy, key, weights)
-        dx = self._backward(all_gather_sequence(dy, self.cp, self.cp_balanced), key, weights)
-        return own_chunks(dx, self.cp, self.cp_balanced)
+        for comm, balanced in self.cuts:                 # dy of the whole sequence
+            dy = all_gather_sequence(dy, comm, balanced)
+        dx = self._backward(dy, key, weights)
+        for comm, balanced in reversed(self.cuts):
+            dx = own_chunks(dx, comm, balanced)
+        return dx
 
     def _backward(self, dy, key, weights):
         s = self._pop(key)
@@ -224,7 +234,7 @@ class ExpertParallelMoE(Module):
 
     def flops(self, batch: int, seq: int) -> float:
         """This rank's work with perfectly balanced routing and no dropping: its
-        experts then process ``k·T`` rows, as many as its own tokens make (under
-        context parallelism ``T`` is the whole group's, ``cp·batch·seq``)."""
-        T = batch * seq * (1 if self.cp is None else self.cp.size)    # cp: the whole group
+        experts then process ``k·T`` rows, as many as its own tokens make (for a
+        cut sequence ``T`` is the whole sequence's, e.g. ``cp·batch·seq``)."""
+        T = batch * seq * math.prod(comm.size for comm, _ in self.cuts)   # the whole sequence
         return router_flops(T, self.h, self.n_experts) + expert_flops(self, self.k * T)

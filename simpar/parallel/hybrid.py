@@ -8,7 +8,8 @@ no second copy of the model::
     reference GPT / MoEGPT (same seed on every rank)
       └─ pipeline stages over mesh.pp   (partition; vpp chunks per rank, interleaved)
            ├─ blocks: ParallelTransformerBlock over mesh.tp  (+ sequence parallelism)
-           │    └─ MoE feed-forward: ExpertParallelMoE over mesh.ep  (replicated over tp)
+           │    └─ MoE feed-forward: ExpertParallelMoE over mesh.ep  (replicated over tp;
+           │         under SP or cp it routes the whole sequence: all-gathered)
            ├─ first stage: vocab-parallel embedding
            └─ last stage: vocab-parallel head + cross-entropy  (tied: wteᵀ)
 
@@ -40,8 +41,9 @@ global token count); the attention of every block is a
 (option ``context_parallel="ring"`` or ``"ulysses"``).  The blocks are the
 tensor-parallel pieces (over a 1-rank tp group when ``tp = 1``).  An MoE layer
 routes the whole sequence of its cp group as one routing group, as the reference
-does: it all-gathers its input over ``cp``, and its own gradients come out equal
-on every cp rank, so they are summed over ``edp`` only
+does (so does one under sequence parallelism, over ``tp``): it all-gathers its
+input, and its own gradients come out equal on every rank of the cut, so they
+are summed over ``edp`` only
 (:class:`~simpar.parallel.expert.ExpertParallelMoE`).
 
 The loss is the mean over the **global** token count, so these sums give exactly
@@ -96,8 +98,6 @@ def check_layout(reference: GPT, mesh_config, schedule: str = "1f1b",
         n_experts = reference.config.n_experts
         if n_experts % cfg.ep:
             raise ValueError(f"n_experts={n_experts} is not divisible by ep={cfg.ep}")
-        if sequence_parallel and cfg.tp > 1:
-            raise ValueError("MoE layers with sequence parallelism are not supported")
     elif cfg.ep > 1:
         raise ValueError(f"ep={cfg.ep} needs a model with MoE layers (MoEGPT)")
 
@@ -298,7 +298,7 @@ class HybridModel:
             for block in st.blocks:
                 use_context_parallel(block, cp, scheme, balanced, tile)
             for layer in st.moe_layers():        # a routing group: the whole sequence
-                layer.use_context_parallel(cp, balanced)
+                layer.cut_sequence(cp, balanced)
             if st.is_first:
                 st.model.cp_positions = \
                     lambda sl, P=cp.size: chunk_positions(sl * P, P, rank, balanced)

@@ -37,6 +37,7 @@ CP_MORE = [
            {**U, "schedule": "interleaved"}),
     Layout("moe cp2xpp2 ring, m=4", P(cp=2, pp=2), R, moe=True, m=4),
     Layout("moe cp2xtp2 ring contiguous", P(cp=2, tp=2), {**R, "cp_balanced": False}, moe=True),
+    Layout("moe cp2xtp2+SP ring", P(cp=2, tp=2), {**R, "sequence_parallel": True}, moe=True),
     Layout("moe cp2 ring, full recompute, zb-h1 pp2", P(cp=2, pp=2),
            {**R, "recompute": "full", "schedule": "zb-h1"}, moe=True, m=4),
 ]
@@ -49,8 +50,6 @@ BAD = {
     "heads not divisible by cp": (P(cp=4), U, {"n_head": 6, "d_model": 12},
                                   "n_head=6 (per tensor-parallel rank) is not divisible by cp=4"),
     "unknown scheme": (P(cp=2), {"context_parallel": "zigzag"}, {}, "'zigzag'"),
-    "moe with cp and SP": (P(cp=2, tp=2), {**R, "sequence_parallel": True}, {"moe": True},
-                           "MoE layers with sequence parallelism"),
     "ranks disagree on scheme": (P(cp=2), None, {}, "'ring'"),
     "ranks disagree on cp": (P(cp=2), R, {}, "cp=2"),
 }

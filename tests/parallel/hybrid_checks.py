@@ -63,6 +63,9 @@ LAYOUTS = [
     Layout("moe ep2 (dp2)", P(dp=2, ep=2), moe=True),
     Layout("moe ep2 in dp4 (edp2)", P(dp=4, ep=2), moe=True),
     Layout("moe tp2xep2", P(dp=2, tp=2, ep=2), moe=True),
+    Layout("moe tp2+SPxep2", P(dp=2, tp=2, ep=2), {"sequence_parallel": True}, moe=True),
+    Layout("moe tp2+SPxpp2, zb-h1", P(tp=2, pp=2), {"sequence_parallel": True,
+                                                   "schedule": "zb-h1"}, moe=True, m=4),
     Layout("moe pp2xep2, m=4", P(dp=2, pp=2, ep=2), moe=True, m=4),
 ]
 BY_NAME = {lay.name: lay for lay in LAYOUTS}

@@ -73,7 +73,7 @@ def test_negative_control_moe_routing_each_cp_ranks_tokens_alone(monkeypatch):
     tokens, as production frameworks do) the MoE GPT is not the reference's."""
     from simpar.parallel.expert import ExpertParallelMoE
     lay = CP_BY_NAME["moe cp2 ring"]
-    monkeypatch.setattr(ExpertParallelMoE, "use_context_parallel", lambda *a, **k: None)
+    monkeypatch.setattr(ExpertParallelMoE, "cut_sequence", lambda *a, **k: None)
     got = simpar.launch(lambda c: train_layout(c, lay), 2, timeout=120)[0]
     assert worst(errors(got, reference_run(lay))) > 1e-6
 

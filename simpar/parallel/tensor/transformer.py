@@ -91,10 +91,6 @@ class ParallelTransformerBlock(TensorParallelModule):
         check_divisible("hidden size h", h, tp.size)
         check_divisible("n_head", n_head, tp.size)
         check_divisible("d_ff", d_ff, tp.size)
-        if moe is not None and sequence_parallel:
-            raise ValueError("MoE layers with sequence parallelism are not supported: the "
-                             "router's capacity is counted per rank's tokens, so sequence "
-                             "shards would route differently (use sequence_parallel=False)")
         self.h, self.n_head, self.d_ff, self.trace_name = h, n_head, d_ff, trace_name
         self.recompute = "none"         # "full": keep the input only, forward again in backward
         sp = sequence_parallel
@@ -107,6 +103,8 @@ class ParallelTransformerBlock(TensorParallelModule):
                 h, d_ff, tp, sp, dtype, trace_name=f"{trace_name}.mlp", agree=False))
         else:                           # ... or an MoE layer, replicated over tp
             self.ffn = self.moe = self.add_child("moe", moe)
+            if sp:                      # it routes the whole sequence, as the reference
+                moe.cut_sequence(tp, balanced=False)
         if agree:
             self.agree()
 
@@ -117,7 +115,8 @@ class ParallelTransformerBlock(TensorParallelModule):
         """Cut this rank's shards from a reference :class:`~simpar.nn.TransformerBlock`
         — or from an :class:`~simpar.nn.MoETransformerBlock`, whose MoE layer
         becomes an :class:`~simpar.parallel.expert.ExpertParallelMoE` over ``ep``
-        (replicated over ``tp``: every tp rank routes the same tokens), with its
+        (replicated over ``tp``: every tp rank routes the same tokens — under
+        sequence parallelism it all-gathers the sequence first), with its
         auxiliary loss weighted by ``aux_scale``."""
         attn = block.attn
         moe = None
