@@ -369,9 +369,6 @@ def _optimizer(comm, hybrid, o: TrainOptions):
     """AdamW, sharded by ZeRO stage ``o.zero``; 16-bit: over float32 masters."""
     from .parallel.zero import DistributedOptimizer
     if o.half and o.zero:           # bf16 + ZeRO: the shards' float32 masters + moments
-        from .mixed_precision import MixedPrecisionOptimizer
-        from .parallel import zero as zero_mod
-        zero_mod.OPTIMIZERS.setdefault("adamw-mp", MixedPrecisionOptimizer)
         return DistributedOptimizer(hybrid, o.zero, "adamw-mp", lr=o.lr,
                                     weight_decay=o.weight_decay, comm=comm)
     if o.half:                      # 16-bit model, float32 masters, agreed overflow checks

@@ -180,7 +180,7 @@ def test_train_precision_options_and_errors():
 
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_zero_stages_with_master_weights_follow_zero_section_5_to_the_byte(n, monkeypatch):
+def test_zero_stages_with_master_weights_follow_zero_section_5_to_the_byte(n):
     """Composable: ZeRO's DistributedOptimizer built over MixedPrecisionOptimizer
     (float32 masters and moments of the shard a rank owns) holds exactly
     Rajbhandari et al. §5's bytes: 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N."""
@@ -188,13 +188,12 @@ def test_zero_stages_with_master_weights_follow_zero_section_5_to_the_byte(n, mo
     from simpar.comm.mesh import Mesh
     from simpar.parallel import zero
     from simpar.parallel.hybrid import build_model
-    monkeypatch.setitem(zero.OPTIMIZERS, "mp-adamw", MixedPrecisionOptimizer)
     cfg = GPTConfig(vocab_size=16, seq_len=8, n_layer=2, n_head=2, d_model=16)
     psi = GPT(cfg).num_parameters()
 
     def job(comm, stage):
         model = build_model(GPT(cfg, seed=1, dtype=BF16), Mesh(comm, ParallelConfig(dp=n)))
-        opt = zero.DistributedOptimizer(model, stage, "mp-adamw", lr=1e-2)
+        opt = zero.DistributedOptimizer(model, stage, "adamw-mp", lr=1e-2)
         before = {k: p.copy() for k, p in model.parameters().items()}
         x, y = np.random.default_rng(0).integers(0, 16, (2, 4, 8))
         model.zero_grad()

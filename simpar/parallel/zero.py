@@ -62,6 +62,7 @@ import numpy as np
 
 from .. import trace
 from ..comm import Comm
+from ..mixed_precision import MixedPrecisionOptimizer
 from ..optim import SGD, AdamW, Wrapped, clip_grad_norm
 from .data import DEFAULT_BUCKET_BYTES, check_bucket_bytes
 from .pipeline import StepResult
@@ -70,7 +71,9 @@ from .pipeline.executor import check_run_args
 __all__ = ["DistributedOptimizer", "STAGES", "check_zero", "OPTIMIZERS"]
 
 STAGES = (0, 1, 2, 3)
-OPTIMIZERS = {"adamw": AdamW, "sgd": SGD}
+#: the update rules a DistributedOptimizer runs on its shards; "adamw-mp": AdamW on
+#: float32 master weights of a 16-bit model (:mod:`simpar.mixed_precision`)
+OPTIMIZERS = {"adamw": AdamW, "sgd": SGD, "adamw-mp": MixedPrecisionOptimizer}
 
 
 def check_zero(stage, mesh_config, *, moe: bool = False, sequence_parallel: bool = False,
