@@ -130,13 +130,18 @@ def round_fp16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if x.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
         np.copyto(out, x, casting="unsafe")               # NumPy's own cast
         return out
-    u, o = x.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16)
-    a = np.empty(min(_BLOCK16, u.size), np.uint32)
-    c = np.empty_like(a)
-    for i in range(0, u.size, _BLOCK16):
-        j = min(i + _BLOCK16, u.size)
-        _round_block(u[i:j], o[i:j], a[:j - i], c[:j - i])
+    _in_blocks(_round_block, x.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16),
+               np.uint32, np.uint32)
     return out
+
+
+def _in_blocks(block_fn, src: np.ndarray, dst: np.ndarray, *scratch) -> None:
+    """``block_fn(src, dst, *scratch buffers)`` over blocks of ``_BLOCK16`` elements
+    of the flat arrays ``src``, ``dst`` (one scratch buffer per dtype in ``scratch``)."""
+    bufs = [np.empty(min(_BLOCK16, src.size), dt) for dt in scratch]
+    for i in range(0, src.size, _BLOCK16):
+        j = min(i + _BLOCK16, src.size)
+        block_fn(src[i:j], dst[i:j], *(b[:j - i] for b in bufs))
 
 
 # float16 → float32 is exact, and four integer/float passes do it (~0.5 ns an
@@ -174,11 +179,7 @@ def widen(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         np.copyto(out, a)                                 # NumPy's (ml_dtypes') cast
         return out
     h = (a if a.flags.c_contiguous else a.copy()).reshape(-1).view(np.uint16)
-    w = out.reshape(-1).view(np.uint32)
-    t = np.empty(min(_BLOCK16, h.size), np.uint16)
-    for i in range(0, h.size, _BLOCK16):
-        j = min(i + _BLOCK16, h.size)
-        _widen_block(h[i:j], w[i:j], t[:j - i])
+    _in_blocks(_widen_block, h, out.reshape(-1).view(np.uint32), np.uint16)
     return out
 
 

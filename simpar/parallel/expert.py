@@ -74,10 +74,10 @@ from .. import trace
 from ..comm import Comm
 from ..nn.layers import MLP, Linear
 from ..nn.module import Module, frozen
-from .sequence import all_gather_sequence, own_chunks
 from ..nn.moe import (MoE, check_input, check_moe_config, expert_flops,
                       experts_backward_region, experts_backward_weights, route_groups,
                       router_backward, router_flops)
+from .sequence import all_gather_sequence, own_chunks
 
 __all__ = ["ExpertParallelMoE", "check_expert_parallel"]
 

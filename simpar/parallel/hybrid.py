@@ -355,18 +355,16 @@ class HybridModel:
     def counted_once(self, name: str, *, data_replicas: bool = True) -> bool:
         """Whether this rank counts (and saves) its elements of ``name`` once for
         the whole model — the one rule of the global norm and of checkpoints:
-        tp-replicated tensors on tp rank 0, routers on ep rank 0, MoE layers on
-        cp rank 0, a tied ``wte``
-        on the first stage, and, with ``data_replicas``, rank 0 of
-        :meth:`replicas` (ZeRO passes ``False``: its shard owner counts)."""
+        tp-replicated tensors on tp rank 0, MoE layers on cp rank 0 (routers also
+        on ep rank 0), a tied ``wte`` on the first stage, and, with
+        ``data_replicas``, rank 0 of :meth:`replicas` (ZeRO passes ``False``: its
+        shard owner counts)."""
         key = (name, data_replicas)
         if key not in self._counted:
             c = self.mesh.coords
             once = not (name == "wte" and 0 not in self.stages)
-            if name.endswith("router.W") and name in self._expert_names():
-                once = once and c.ep == 0
             if name in self._expert_names():      # MoE layers: equal on every cp rank
-                once = once and c.cp == 0
+                once = once and c.cp == 0 and (c.ep == 0 or not name.endswith("router.W"))
             if c.tp != 0:
                 once = once and name in set().union(*(st.tp_sharded()
                                                       for st in self.stages.values()))

@@ -1,5 +1,6 @@
-"""The sequence cut of context parallelism: which positions each of ``cp`` ranks
-holds, and moving between a rank's share and the whole sequence.
+"""The sequence cut: which positions each rank of a group holds, and moving
+between a rank's share and the whole sequence (context parallelism over ``cp``;
+sequence parallelism cuts contiguously over ``tp``).
 
 With the causal mask the first positions attend to few keys and the last to
 all, so a contiguous cut gives the last rank the most attention work.  The
@@ -11,7 +12,7 @@ load-balanced cut (Megatron-core context parallelism) splits the sequence into
 
 Used by :mod:`simpar.parallel.context` (attention) and by
 :class:`~simpar.parallel.expert.ExpertParallelMoE` (an MoE layer routes the
-whole sequence of the group).
+whole sequence of the group, whether cut over ``cp``, ``tp`` or both).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def chunk_positions(seq: int, cp: int, rank: int, balanced: bool = True) -> np.n
 
 
 def gather_sequence(parts, balanced: bool = True, axis: int = 1) -> np.ndarray:
-    """Inverse of :func:`~simpar.parallel.context.shard_sequence`: every rank's part (rank order) → the whole."""
+    """Inverse of :func:`~simpar.parallel.context.shard_sequence`: every rank's
+    part (rank order) → the whole."""
     cp = len(parts)
     seq = parts[0].shape[axis] * cp
     shape = list(parts[0].shape)
@@ -47,12 +49,15 @@ def gather_sequence(parts, balanced: bool = True, axis: int = 1) -> np.ndarray:
     return out
 
 
-def all_gather_sequence(x: np.ndarray, cp: Comm, balanced: bool = True) -> np.ndarray:
-    """The whole sequence ``(b, s, ...)`` from every cp rank's share ``(b, s/cp, ...)``,
-    in sequence order, on every rank (one all-gather over ``cp``)."""
-    return gather_sequence(np.split(cp.all_gather(x, axis=1), cp.size, axis=1), balanced)
+def all_gather_sequence(x: np.ndarray, group: Comm, balanced: bool = True) -> np.ndarray:
+    """The whole sequence ``(b, s, ...)`` from every rank's share ``(b, s/n, ...)`` of
+    ``group`` (``n`` ranks), in sequence order, on every rank (one all-gather)."""
+    whole = group.all_gather(x, axis=1)               # the shares in rank order
+    if not balanced:                                  # contiguous: that is sequence order
+        return whole
+    return gather_sequence(np.split(whole, group.size, axis=1), balanced)
 
 
-def own_chunks(x: np.ndarray, cp: Comm, balanced: bool = True) -> np.ndarray:
-    """This cp rank's share of a whole sequence ``(b, s, ...)`` (a copy)."""
-    return x[:, chunk_positions(x.shape[1], cp.size, cp.rank, balanced)]
+def own_chunks(x: np.ndarray, group: Comm, balanced: bool = True) -> np.ndarray:
+    """This rank's share of a whole sequence ``(b, s, ...)`` cut over ``group`` (a copy)."""
+    return x[:, chunk_positions(x.shape[1], group.size, group.rank, balanced)]
